@@ -1,0 +1,140 @@
+"""``itr`` command line. Each subcommand is a thin wrapper over one module."""
+import argparse
+import sys
+
+
+def _train(a):
+    from itr.config import load_recipe
+    from itr.train import train
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    train(recipe, a.out)
+
+
+def _shard(a):
+    from shards.precomp import shard_precomp
+
+    m = shard_precomp(a.data_dir, a.split, a.out_dir, dtype=a.dtype, images_per_shard=a.images_per_shard,
+                      seed=a.seed, shuffle=not a.no_shuffle, force=a.force)
+    print(f"wrote {len(m['shards'])} shard(s): {m['num_images']} images, {m['num_captions']} captions, "
+          f"features {m['feature_shape']} {m['dtype']} -> {a.out_dir}/{a.split}.manifest.json")
+
+
+def _eval(a):
+    from itr.eval.job import run_eval
+
+    run_eval(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
+             chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device)
+
+
+def _score(a):
+    from itr.eval.job import run_score
+
+    run_score(a.sims, protocol=a.protocol, json_out=a.json, chunk_size=a.chunk_size)
+
+
+def _synth(a):
+    from itr.data.synthetic import generate
+
+    out = generate(a.out_dir, splits=(("train", a.train), ("dev", a.dev), ("test", a.test)), dim=a.dim,
+                   regions=a.regions, noise=a.noise, seed=a.seed)
+    print(f"wrote synthetic precomp data to {out}")
+
+
+def _demo(a):
+    from itr.demo import demo
+
+    demo(a.out, a.recipe, a.overrides)
+
+
+def _config(a):
+    from itr.config import describe, load_recipe
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    print("\n".join(describe(values=recipe)))
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="itr", description="Image-text retrieval training toolkit")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML recipe (also under `accelerate launch -m itr train`)")
+    t.add_argument("recipe", help="recipe YAML (see recipes/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=1e-4")
+    t.add_argument("--out", required=True, help="run directory: checkpoints DIR/last and DIR/best, results.json")
+    t.set_defaults(fn=_train)
+
+    s = sub.add_parser("shard", help="build WebDataset shards from a research data format")
+    ssub = s.add_subparsers(dest="format", required=True)
+    sp = ssub.add_parser("precomp", help="SCAN precomp split ({split}_ims.npy + {split}_caps.txt) -> shards")
+    sp.add_argument("data_dir")
+    sp.add_argument("split")
+    sp.add_argument("out_dir")
+    sp.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
+    sp.add_argument("--images-per-shard", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
+    sp.add_argument("--no-shuffle", action="store_true", help="keep the source image order")
+    sp.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+    sp.set_defaults(fn=_shard)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (R@1/5/10, medr, meanr, rsum)")
+    e.add_argument("checkpoint", help="DIR/best, DIR/last or a run directory")
+    e.add_argument("--data", required=True, help="precomp directory or shard directory")
+    e.add_argument("--split", required=True)
+    e.add_argument("--protocol", choices=["1k", "coco-5fold", "5k"], default=None,
+                   help="1k/5k: the whole split; coco-5fold: mean over 5 folds (default: the recipe's eval.protocol)")
+    e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--save-sims", help="save the (n_images, 5 n_images) similarity matrix as .npy")
+    e.add_argument("--chunk-size", type=int, help="tile size of the similarity / rank computation")
+    e.add_argument("--batch-size", type=int, help="embedding batch size")
+    e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    e.set_defaults(fn=_eval)
+
+    sc = sub.add_parser("score", help="metrics from a saved (n_images, 5 n_images) similarity matrix")
+    sc.add_argument("sims", help="SIMS.npy; caption j belongs to image j // 5")
+    sc.add_argument("--protocol", choices=["1k", "coco-5fold", "5k"], default="1k")
+    sc.add_argument("--json", help="write the metrics here")
+    sc.add_argument("--chunk-size", type=int, default=1024)
+    sc.set_defaults(fn=_score)
+
+    g = sub.add_parser("synth", help="generate the synthetic precomp dataset")
+    g.add_argument("out_dir")
+    g.add_argument("--train", type=int, default=3000)
+    g.add_argument("--dev", type=int, default=500)
+    g.add_argument("--test", type=int, default=1000)
+    g.add_argument("--dim", type=int, default=256)
+    g.add_argument("--regions", type=int, default=36)
+    g.add_argument("--noise", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=_synth)
+
+    d = sub.add_parser("demo", help="generate -> shard -> train -> eval -> MLflow, on synthetic data")
+    d.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2")
+    d.add_argument("--out", default="itr-demo", help="demo directory (data, shards, run)")
+    d.add_argument("--recipe", default=None, help="default: recipes/synthetic/vsepp_gru.yaml")
+    d.set_defaults(fn=_demo)
+
+    c = sub.add_parser("config", help="print every recipe key with its value and meaning")
+    c.add_argument("recipe", nargs="?")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(fn=_config)
+    return p
+
+
+def main(argv=None):
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed (imported by accelerate) warns on every start
+    from itr.errors import ItrError
+
+    a = parser().parse_args(argv)
+    try:
+        a.fn(a)
+    except ItrError as e:
+        print(f"itr {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,122 @@
+"""Shard directories: ``{split}-000000.tar`` ... plus ``{split}.manifest.json``.
+
+One WebDataset sample per image: ``feat.npy`` (R x D features) and ``json``
+(``image_index``, ``caption_indices``, ``captions``, ``id``). The manifest is
+written last, so its presence means the split is complete. It records counts,
+feature shape and dtype, and each shard's size and sha256 so that a truncated or
+corrupted shard is caught before training starts, naming the file.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from itr.data.precomp import DataError
+
+FORMAT = "itr-shards/1"
+
+
+def manifest_path(root, split):
+    return Path(root) / f"{split}.manifest.json"
+
+
+def captions_path(root, split):
+    return Path(root) / f"{split}.captions.txt"
+
+
+def shard_name(split, i):
+    return f"{split}-{i:06d}.tar"
+
+
+def is_shard_dir(root, split):
+    return manifest_path(root, split).is_file()
+
+
+def sha256_file(path, bufsize=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def file_digest(path):
+    return sha256_file(path)
+
+
+def load_manifest(root, split):
+    p = manifest_path(root, split)
+    if not p.is_file():
+        raise DataError(f"{p} is missing: not a shard directory for split {split!r} (build one with `itr shard precomp`)")
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e})") from None
+    if m.get("format") != FORMAT:
+        raise DataError(f"{p}: unknown format {m.get('format')!r}, expected {FORMAT!r}")
+    for key in ("num_images", "num_captions", "feature_shape", "dtype", "shards"):
+        if key not in m:
+            raise DataError(f"{p}: missing key {key!r}")
+    m["root"] = str(Path(root).resolve())
+    m["path"] = str(p)
+    return m
+
+
+def shard_paths(m):
+    return [str(Path(m["root"]) / s["name"]) for s in m["shards"]]
+
+
+def verify_shards(m, mode="checksum", progress=False):
+    """Check every shard against the manifest; raise DataError naming the first bad file.
+
+    ``checksum`` hashes each file once and caches the result next to the manifest
+    (keyed by size and mtime), so repeated runs on the same shards cost a stat() each.
+    """
+    if mode == "none":
+        return
+    root = Path(m["root"])
+    cache_file = root / f".{m['split']}.verified.json"
+    try:
+        cache = json.loads(cache_file.read_text()) if mode == "checksum" and cache_file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    changed = False
+    shards = m["shards"]
+    it = shards
+    if progress and mode == "checksum":
+        from tqdm import tqdm
+
+        it = tqdm(shards, desc=f"verify {m['split']} shards", unit="shard")
+    for s in it:
+        p = root / s["name"]
+        if not p.is_file():
+            raise DataError(f"shard {p} is missing (listed in {m['path']})")
+        st = p.stat()
+        if st.st_size != s["bytes"]:
+            raise DataError(f"shard {p} is corrupt or truncated: {st.st_size} bytes, manifest says {s['bytes']}")
+        if mode != "checksum":
+            continue
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        if cache.get(s["name"]) == [stamp, s["sha256"]]:
+            continue
+        digest = sha256_file(p)
+        if digest != s["sha256"]:
+            raise DataError(f"shard {p} is corrupt: sha256 {digest[:12]}... != manifest {s['sha256'][:12]}...")
+        cache[s["name"]] = [stamp, s["sha256"]]
+        changed = True
+    if changed:
+        try:
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only shard directory just re-verifies next time
+
+
+def manifest_digest(m):
+    """Digest of what defines the data (for run comparison): shard names, sizes and checksums."""
+    body = json.dumps([m["num_images"], m["feature_shape"], m["dtype"], [(s["name"], s["sha256"]) for s in m["shards"]]])
+    return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -1,0 +1,93 @@
+"""The SCAN "precomp" layout: ``{split}_ims.npy`` + ``{split}_caps.txt`` (+ ``{split}_ids.txt``).
+
+Caption ``j`` belongs to image ``j // 5`` (SCAN, VSE-infinity, HREM, DIME all use this rule).
+Checks happen here, at open time, so a bad split fails in seconds, not after an epoch.
+Captions are read as text (UTF-8): reading them as bytes is the Python-3 port bug that
+cost VSRN half its R@1 (VSRN#15).
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+CAPS_PER_IMAGE = 5
+
+
+from itr.errors import DataError  # noqa: F401  (re-exported)
+
+
+@dataclass
+class PrecompSplit:
+    images: np.ndarray  # (N, R, D), memory-mapped where possible
+    captions: List[str]  # 5N, caption j of image j // 5
+    ids: Optional[List[str]]
+    files: dict  # role -> Path
+
+    @property
+    def num_images(self):
+        return self.images.shape[0]
+
+
+def split_files(root, split):
+    root = Path(root)
+    return {
+        "ims": root / f"{split}_ims.npy",
+        "caps": root / f"{split}_caps.txt",
+        "ids": root / f"{split}_ids.txt",
+    }
+
+
+def is_precomp(root, split):
+    f = split_files(root, split)
+    return f["ims"].is_file() or f["caps"].is_file()
+
+
+def read_captions(path: Path) -> List[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    lines = text.splitlines()
+    caps = [line.strip() for line in lines]
+    empty = [i for i, c in enumerate(caps) if not c]
+    if empty:
+        raise DataError(f"{path}: empty caption on line {empty[0] + 1} ({len(empty)} empty lines)")
+    return caps
+
+
+def open_precomp(root, split, mmap=True) -> PrecompSplit:
+    root = Path(root)
+    f = split_files(root, split)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    for role in ("ims", "caps"):
+        if not f[role].is_file():
+            have = sorted(p.name for p in root.glob("*_ims.npy"))
+            raise DataError(
+                f"{f[role]} is missing (split {split!r} in {root}; "
+                f"splits with features there: {', '.join(h[:-8] for h in have) or 'none'})"
+            )
+    try:
+        ims = np.load(f["ims"], mmap_mode="r" if mmap else None)
+    except Exception as e:  # numpy raises several types for corrupt files
+        raise DataError(f"{f['ims']}: cannot read as .npy ({e})") from None
+    if ims.ndim == 2:  # pooled features: one "region" per image
+        ims = ims[:, None, :]
+    if ims.ndim != 3:
+        raise DataError(f"{f['ims']}: expected shape (N, R, D) or (N, D), got {ims.shape}")
+    if not np.issubdtype(ims.dtype, np.floating):
+        raise DataError(f"{f['ims']}: expected float features, got dtype {ims.dtype}")
+    caps = read_captions(f["caps"])
+    n = ims.shape[0]
+    if len(caps) != CAPS_PER_IMAGE * n:
+        raise DataError(
+            f"{f['caps']}: {len(caps)} captions for {n} images in {f['ims'].name}; "
+            f"expected {CAPS_PER_IMAGE} per image ({CAPS_PER_IMAGE * n}), caption j belonging to image j // 5"
+        )
+    ids = None
+    if f["ids"].is_file():
+        ids = [line.strip() for line in f["ids"].read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(ids) != n:
+            raise DataError(f"{f['ids']}: {len(ids)} ids for {n} images in {f['ims'].name}")
+    return PrecompSplit(images=ims, captions=caps, ids=ids, files={k: v for k, v in f.items() if v.is_file()})

@@ -1,0 +1,113 @@
+"""Where a recipe's data comes from: a precomp directory (sharded on first use) or a shard directory."""
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from itr.data import manifest as mf
+from itr.data.precomp import CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ITR_CACHE", Path.home() / ".cache" / "itr"))
+
+
+def data_kind(root, split):
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist")
+    if mf.is_shard_dir(root, split):
+        return "shards"
+    if is_precomp(root, split):
+        return "precomp"
+    raise DataError(
+        f"{root} has neither {split}.manifest.json (a shard directory) nor {split}_ims.npy / {split}_caps.txt "
+        f"(a precomp directory) for split {split!r}"
+    )
+
+
+def shard_cache_dir(root, dtype, images_per_shard):
+    """A cache directory keyed by the source files' identity and the sharding options."""
+    root = Path(root).resolve()
+    h = hashlib.sha256()
+    h.update(f"{root}|{dtype}|{images_per_shard}|{mf.FORMAT}".encode())
+    for p in sorted(root.glob("*_ims.npy")) + sorted(root.glob("*_caps.txt")):
+        st = p.stat()
+        h.update(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_root() / "shards" / f"{root.name}-{h.hexdigest()[:12]}"
+
+
+def ensure_shards(data_cfg, split, is_main=True, barrier=lambda: None, progress=True):
+    """Return the manifest of ``split``, sharding a precomp directory on first use (main process only)."""
+    from itr.config import resolve_path
+
+    if not data_cfg.root:
+        raise DataError("data.root is not set (a precomp or shard directory)")
+    root = resolve_path(data_cfg.root)
+    kind = data_kind(root, split)
+    if kind == "shards":
+        out = root
+    else:
+        out = resolve_path(data_cfg.shard_dir) if data_cfg.shard_dir else shard_cache_dir(root, data_cfg.dtype, data_cfg.images_per_shard)
+        if is_main and not mf.is_shard_dir(out, split):
+            from shards.precomp import shard_precomp
+
+            print(f"[itr] sharding {root} split {split!r} -> {out}", flush=True)
+            shard_precomp(root, split, out, dtype=data_cfg.dtype, images_per_shard=data_cfg.images_per_shard,
+                          force=True, progress=progress)
+        barrier()
+    m = mf.load_manifest(out, split)
+    if is_main:
+        mf.verify_shards(m, data_cfg.verify, progress=progress)
+    barrier()
+    return m
+
+
+def split_captions(manifest):
+    """All captions of a sharded split, in caption-index order (from the text sidecar)."""
+    p = Path(manifest["root"]) / manifest.get("captions_file", mf.captions_path("", manifest["split"]).name)
+    caps = read_captions(p)
+    if len(caps) != manifest["num_captions"]:
+        raise DataError(f"{p}: {len(caps)} captions, manifest says {manifest['num_captions']}")
+    return caps
+
+
+def read_shard_split(root, split, verify="size") -> PrecompSplit:
+    """Load a whole sharded split into memory, ordered by image index (for evaluation)."""
+    import webdataset as wds
+
+    m = mf.load_manifest(root, split)
+    mf.verify_shards(m, verify)
+    n = m["num_images"]
+    feats = np.zeros((n, *m["feature_shape"]), dtype=m["dtype"])
+    caps = [None] * m["num_captions"]
+    ids = [None] * n
+    seen = np.zeros(n, dtype=bool)
+    for path in mf.shard_paths(m):
+        try:
+            for sample in wds.tarfile_samples([{"url": path}]):
+                meta = json.loads(sample["json"])
+                i = meta["image_index"]
+                feats[i] = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+                for c, t in zip(meta["caption_indices"], meta["captions"]):
+                    caps[c] = t
+                ids[i] = meta.get("id")
+                seen[i] = True
+        except Exception as e:
+            raise DataError(f"shard {path} is unreadable ({type(e).__name__}: {e})") from e
+    if not seen.all():
+        raise DataError(f"{m['path']}: {int((~seen).sum())} of {n} images missing from the shards")
+    if any(c is None for c in caps):
+        raise DataError(f"{m['path']}: some captions are missing from the shards")
+    if len(caps) != CAPS_PER_IMAGE * n:
+        raise DataError(f"{m['path']}: {len(caps)} captions for {n} images; expected {CAPS_PER_IMAGE} per image")
+    return PrecompSplit(images=feats, captions=caps, ids=ids, files={"manifest": Path(m["path"])})
+
+
+def load_split(root, split) -> PrecompSplit:
+    """An evaluation split from a precomp directory or a shard directory."""
+    root = Path(root)
+    return read_shard_split(root, split) if data_kind(root, split) == "shards" else open_precomp(root, split)

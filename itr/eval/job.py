@@ -1,0 +1,78 @@
+"""``itr eval`` and ``itr score``: embed -> tiled scores -> ranks -> metrics, and the report."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from itr.eval.embed import embed_split
+from itr.eval.metrics import KEYS, evaluate_sims, format_table
+from itr.eval.scores import similarity_matrix
+
+
+def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, world=1, progress=False, protocol=None):
+    """Metrics of ``model`` on ``split`` (every rank embeds a slice; rank 0 scores). Returns (metrics, sims)."""
+    img, cap = embed_split(model, split, tokenizer, eval_cfg.batch_size, device, rank, world, progress)
+    if rank != 0:
+        return None, None
+    sims = similarity_matrix(model.score, img, cap, eval_cfg.chunk_size, device, progress)
+    return evaluate_sims(sims, protocol or eval_cfg.protocol, chunk=eval_cfg.chunk_size), sims
+
+
+def write_json(metrics, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=1))
+
+
+def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=None, chunk_size=None, batch_size=None,
+             device=None):
+    import torch
+
+    from itr.checkpoint import load_for_eval
+    from itr.data.sources import load_split
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, recipe, meta = load_for_eval(checkpoint, device)
+    if chunk_size:
+        recipe.eval.chunk_size = chunk_size
+    if batch_size:
+        recipe.eval.batch_size = batch_size
+    data_split = load_split(data, split)
+    if data_split.images.shape[-1] != meta["img_dim"]:
+        from itr.errors import DataError
+
+        raise DataError(f"{data} split {split!r} has {data_split.images.shape[-1]}-d features; "
+                         f"the checkpoint was trained on {meta['img_dim']}-d")
+    metrics, sims = evaluate_model(model, data_split, tokenizer, recipe.eval, device, progress=True, protocol=protocol)
+    if save_sims:
+        np.save(save_sims, sims)
+    report(metrics, f"{recipe.model['name']} on {data} [{split}], protocol {protocol or recipe.eval.protocol}", json_out)
+    return metrics
+
+
+def run_score(sims_path, protocol="1k", json_out=None, chunk_size=1024):
+    from itr.errors import DataError
+
+    p = Path(sims_path)
+    if not p.is_file():
+        raise DataError(f"{sims_path} does not exist")
+    try:
+        sims = np.load(p, mmap_mode="r")
+    except Exception as e:
+        raise DataError(f"{sims_path}: cannot read as .npy ({e})") from None
+    try:
+        metrics = evaluate_sims(sims, protocol, chunk=chunk_size)
+    except ValueError as e:
+        raise DataError(f"{sims_path}: {e}") from None
+    report(metrics, f"{sims_path}, protocol {protocol}", json_out)
+    return metrics
+
+
+def report(metrics, title, json_out=None):
+    print(format_table(metrics, title))
+    if "folds" in metrics:
+        for i, f in enumerate(metrics["folds"]):
+            print(f"  fold {i}: rsum {f['rsum']:.1f}  i2t R@1 {f['i2t_R1']:.1f}  t2i R@1 {f['t2i_R1']:.1f}")
+    if json_out:
+        write_json({k: metrics[k] for k in KEYS + (["folds"] if "folds" in metrics else [])}, json_out)
+        print(f"wrote {json_out}")

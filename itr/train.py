@@ -1,0 +1,258 @@
+"""The training loop, top to bottom: ``itr train RECIPE.yaml --out DIR [key=value ...]``.
+
+Runs alike in one process and under ``accelerate launch -m itr train ...``.
+``train.batch_size`` is the global batch of one optimizer step: each rank takes
+``batch_size / (world * grad_accum)`` pairs per micro-step, so a recipe keeps the
+paper's batch when only the launch changes.
+
+Loss scale: the step's loss is the SUM over the global batch of per-query costs
+(VSE++'s convention, which grad_clip=2.0 was tuned for). DDP averages gradients over
+ranks, so each rank back-propagates ``world x`` its local sum. Negatives come from the
+rank's own micro-batch.
+"""
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+
+from itr import checkpoint as ckpt
+from itr.config import ConfigError, to_dict
+from itr.data.loader import TrainLoader
+from itr.data.sources import data_kind, ensure_shards, load_split, split_captions
+from itr.errors import DataError
+from itr.distributed import all_reduce_sum, check_world_size, make_accelerator
+from itr.eval.job import evaluate_model, write_json
+from itr.eval.metrics import KEYS, format_table
+from itr.models import build_model, make_tokenizer
+from itr.modules.losses import build_loss
+from itr.optim import make_optimizer, set_lr
+from itr.tracking import make_tracker, recipe_params, run_name
+
+
+class Stop:
+    """Set by SIGTERM / SIGUSR1 (preemption, time limits): checkpoint at the next step and exit."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, device):
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        return bool(all_reduce_sum(flag).item() > 0)  # every rank stops at the same step
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(recipe, out_dir):
+    rd = to_dict(recipe)
+    out = Path(out_dir).resolve()
+    t = recipe.train
+    acc = make_accelerator(t.mixed_precision)
+    world = check_world_size(acc, t.world_size)
+    rank, main, device = acc.process_index, acc.is_main_process, acc.device
+    if t.batch_size % (world * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {world} ranks x "
+                          f"train.grad_accum={t.grad_accum}")
+    rank_batch = t.batch_size // (world * t.grad_accum)
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # ---- resume point
+    resume = None
+    if t.resume == "latest":
+        try:
+            resume = ckpt.resolve(out / "last")
+        except ckpt.CheckpointError:
+            if main:
+                print(f"[itr] resume=latest: no checkpoint in {out}, starting fresh", flush=True)
+    elif t.resume:
+        resume = ckpt.resolve(t.resume)
+    meta = json.loads((resume / ckpt.META).read_text()) if resume else None
+    if meta and meta["world_size"] != world:
+        raise ConfigError(f"{resume} was written by {meta['world_size']} ranks; resume it with the same number "
+                          f"(the data stream position depends on it), not {world}")
+
+    # ---- data, tokenizer, model, optimizer
+    manifest = ensure_shards(recipe.data, recipe.data.train_split, main, acc.wait_for_everyone, progress=main)
+    dev = load_split(data_root(recipe), recipe.data.dev_split)
+    vocab = resume / ckpt.VOCAB if resume and (resume / ckpt.VOCAB).is_file() else None
+    tokenizer = make_tokenizer(recipe, captions=None if vocab else split_captions(manifest), vocab_file=vocab)
+    img_dim = manifest["feature_shape"][-1]
+    model = build_model(recipe, img_dim, tokenizer)
+    optimizer, optimizer_impl = make_optimizer(model.to(device), recipe.optim)
+    model, optimizer = acc.prepare(model, optimizer)
+    criterion = build_loss(recipe.loss)
+    loader = TrainLoader(manifest, tokenizer, rank_batch, world, rank, t.seed, recipe.data.num_workers,
+                         recipe.data.shuffle_buffer)
+
+    state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
+             "run_id": None, "skipped_steps": 0, "dev": None}
+    if resume:
+        acc.load_state(str(resume / ckpt.STATE))
+        state.update(meta["train_state"])
+    dataset = recipe.data.name or Path(recipe.data.root).name
+    tracker = make_tracker(recipe, main, run_id=state["run_id"], default_name=run_name(rd, dataset))
+    state["run_id"] = tracker.run_id
+    tracker.log_params(recipe_params(rd))
+    info = {"world_size": world, "rank_batch": rank_batch, "optimizer_impl": optimizer_impl,
+            "precision": t.mixed_precision, "device": str(device), "img_dim": img_dim,
+            "train_pairs": manifest["num_captions"], "vocab_size": len(tokenizer)}
+    tracker.set_tags({"model": rd["model"]["name"], "dataset": dataset, **info})
+    if main:
+        print(f"[itr] {rd['model']['name']} on {dataset}: world {world} x batch {rank_batch} x accum {t.grad_accum}, "
+              f"precision {t.mixed_precision}, optimizer {optimizer_impl}, device {device}"
+              + (f", resumed from {resume} at epoch {state['epoch']} step {state['global_step']}" if resume else ""),
+              flush=True)
+
+    def checkpoint_meta():
+        return {"train_state": dict(state), "world_size": world, "img_dim": img_dim, "rank_batch": rank_batch,
+                "grad_accum": t.grad_accum, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def save_last():
+        ckpt.save(out / "last", acc, model, rd, tokenizer, checkpoint_meta())
+
+    def evaluate_dev():
+        metrics, _ = evaluate_model(acc.unwrap_model(model), dev, tokenizer, recipe.eval, device, rank, world)
+        return metrics
+
+    stop = Stop()
+    stopped_by = None
+    model.train()
+    last_log, last_log_step = time.perf_counter(), state["global_step"]
+    from tqdm import tqdm
+
+    for epoch in range(state["epoch"], t.epochs):
+        lr = set_lr(optimizer, recipe.optim, epoch)
+        steps = loader.num_batches(epoch) // t.grad_accum
+        first = state["micro_in_epoch"] // t.grad_accum
+        batches = loader.epoch(epoch, skip=state["micro_in_epoch"])
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not main, unit="step")
+        for _ in range(first, steps):
+            # -- one optimizer step over grad_accum micro-batches
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.grad_accum):
+                batch = _to(next(batches), device)
+                sync = micro == t.grad_accum - 1
+                with (nullcontext() if sync else acc.no_sync(model)):
+                    with acc.autocast():
+                        loss = criterion(model(batch), batch, epoch)
+                    acc.backward(loss * world)
+                loss_sum += loss.detach().float()
+            grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if acc.optimizer_step_was_skipped:
+                state["skipped_steps"] += 1  # fp16 overflow: the scaler skipped the update
+            state["global_step"] += 1
+            state["micro_in_epoch"] += t.grad_accum
+            bar.update(1)
+
+            if state["global_step"] % t.log_every == 0:
+                total = all_reduce_sum(loss_sum).item()
+                now = time.perf_counter()
+                sps = (state["global_step"] - last_log_step) * t.batch_size / max(now - last_log, 1e-9)
+                last_log, last_log_step = now, state["global_step"]
+                bar.set_postfix(loss=f"{total / t.batch_size:.4f}", lr=f"{lr:.2g}", sps=f"{sps:.0f}")
+                tracker.log_metrics({"loss": total / t.batch_size, "lr": lr, "samples_per_sec": sps,
+                                     "grad_norm": float(grad_norm), "epoch": epoch,
+                                     "skipped_steps": state["skipped_steps"]}, step=state["global_step"])
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"loss is {total} at step {state['global_step']}; "
+                                             f"lower optim.lr or use train.mixed_precision=bf16/no")
+            if t.checkpoint_every and state["global_step"] % t.checkpoint_every == 0:
+                save_last()
+            if stop.requested(device):
+                stopped_by = f"signal {stop.signal}"
+                break
+            if t.max_steps and state["global_step"] >= t.max_steps:
+                stopped_by = "max_steps"
+                break
+        bar.close()
+        batches.close()
+        if stopped_by and stopped_by != "max_steps":
+            save_last()
+            if main:
+                print(f"[itr] stopped by {stopped_by} at step {state['global_step']}; "
+                      f"resume with: itr train ... --out {out} train.resume=latest", flush=True)
+            tracker.finish("KILLED")
+            return None
+        if not stopped_by:
+            state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
+
+        # -- end of epoch (or of a max_steps run): dev eval, last, best
+        metrics = evaluate_dev()
+        improved = False
+        if main:
+            score = metrics[recipe.eval.best_metric]
+            improved = state["best"] is None or score > state["best"]
+            if improved:
+                state["best"], state["best_epoch"] = score, epoch + 1
+            state["dev"] = metrics
+            tracker.log_metrics({f"dev_{k}": metrics[k] for k in KEYS}, step=epoch + 1)
+            bar.write(format_table(metrics, f"dev after epoch {epoch + 1} (best rsum {state['best']:.1f} "
+                                            f"at epoch {state['best_epoch']})"))
+        save_last()
+        if main and improved:
+            ckpt.promote(out / "last", out / "best", checkpoint_meta())
+        acc.wait_for_everyone()
+        if stopped_by:
+            break
+
+    # ---- the best checkpoint on the test split
+    results = {"best_epoch": state["best_epoch"], "dev": state["dev"], "run_id": tracker.run_id,
+               "global_step": state["global_step"], "world_size": world, "optimizer_impl": optimizer_impl}
+    test = final_test(recipe, out, device, rank, world)
+    if main:
+        if test is not None:
+            results["test"] = test
+            tracker.log_metrics({f"test_{k}": test[k] for k in KEYS})
+            print(format_table(test, f"test ({recipe.data.test_split}) with the best dev checkpoint, "
+                                     f"protocol {recipe.eval.protocol}"), flush=True)
+        write_json(results, out / "results.json")
+        (out / "recipe.yaml").write_text(yaml.safe_dump(rd, sort_keys=False))
+        tracker.log_artifact(out / "recipe.yaml")
+        tracker.log_artifact(out / "results.json")
+        if tracker.run_id:
+            print(f"[itr] MLflow run {tracker.run_id}: {tracker.ui_hint()}", flush=True)
+    tracker.finish()
+    acc.wait_for_everyone()
+    return results
+
+
+def data_root(recipe):
+    """Evaluation splits come from the recipe's data.root (precomp or shards)."""
+    from itr.config import resolve_path
+
+    return resolve_path(recipe.data.root)
+
+
+def final_test(recipe, out, device, rank, world):
+    """Evaluate DIR/best on the test split (every rank embeds a slice), if the data has one."""
+    root = data_root(recipe)
+    try:
+        data_kind(root, recipe.data.test_split)
+    except DataError:
+        if rank == 0:
+            print(f"[itr] no {recipe.data.test_split!r} split in {root}: skipping the test evaluation", flush=True)
+        return None
+    model, tokenizer, _, _ = ckpt.load_for_eval(out / "best", device)
+    split = load_split(root, recipe.data.test_split)
+    metrics, _ = evaluate_model(model, split, tokenizer, recipe.eval, device, rank, world)
+    return metrics

@@ -1,0 +1,82 @@
+"""Real multi-process runs through `accelerate launch` on CPU (gloo)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from conftest import ROOT, tiny_overrides
+
+DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
+
+
+def accelerate_launch(n, *args, use_cpu=True, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", "no", "--main_process_port", "0",
+           "-m", "itr", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_process_training_logs_once_and_checkpoints_evaluate(tiny_data, tmp_path):
+    p = accelerate_launch(2, "train", DEMO, *tiny_overrides(tiny_data), "train.world_size=2",
+                          "--out", tmp_path / "run")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["world_size"] == 2
+    meta = json.loads((tmp_path / "run" / "last" / "itr.json").read_text())
+    assert meta["world_size"] == 2 and meta["rank_batch"] == 16
+    # one MLflow run (rank 0 only), tagged with the world size we asked for
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["itr"])
+    assert len(runs) == 1 and runs.iloc[0]["tags.world_size"] == "2"
+    steps = [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(res["run_id"], "loss")]
+    assert len(steps) == len(set(steps)) > 0  # each step logged once
+    # 2 epochs x (800 pairs // 32 global)
+    assert res["global_step"] == 2 * (800 // 32)
+    from itr.eval.job import run_eval
+
+    assert run_eval(tmp_path / "run" / "best", tiny_data, "test")["rsum"] == pytest.approx(res["test"]["rsum"])
+
+
+@pytest.mark.slow
+def test_multi_gpu_flag_on_a_cpu_box_still_gives_a_real_two_process_run(tiny_data, tmp_path):
+    # Plain accelerate would start 2 processes that each see a world of 1 here; the trainer asks for gloo.
+    p = accelerate_launch(2, "train", DEMO, *tiny_overrides(tiny_data, **{"train.epochs": 1}), "train.world_size=2",
+                          "tracking.enabled=false", "--out", tmp_path / "run", use_cpu=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_silently_single_process_launch_is_caught_by_train_world_size(tiny_data, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts ONE process, without a word
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    p = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "-m", "itr", "train", str(DEMO),
+                        *tiny_overrides(tiny_data), "train.world_size=2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0
+    assert "train.world_size=2 but 1 process(es) were started" in p.stderr
+
+
+def test_launcher_world_size_disagreement_is_an_error(monkeypatch):
+    from itr.distributed import LaunchError, check_world_size
+
+    class One:
+        num_processes = 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match="WORLD_SIZE=2"):
+        check_world_size(One())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert check_world_size(One()) == 1

