@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from itr import checkpoint as ckpt
 from itr.config import ConfigError, to_dict
@@ -103,7 +104,7 @@ def train(recipe, out_dir):
                          recipe.data.shuffle_buffer)
 
     state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
-             "run_id": None, "skipped_steps": 0, "dev": None}
+             "run_id": None, "skipped_steps": 0, "best_dev": None, "pending_eval": False}
     if resume:
         acc.load_state(str(resume / ckpt.STATE))
         state.update(meta["train_state"])
@@ -132,12 +133,30 @@ def train(recipe, out_dir):
         metrics, _ = evaluate_model(acc.unwrap_model(model), dev, tokenizer, recipe.eval, device, rank, world)
         return metrics
 
+    def end_of_epoch(label):
+        """Dev evaluation, then DIR/last, and DIR/best when the dev metric improved."""
+        metrics = evaluate_dev()
+        improved = False
+        if main:
+            score = metrics[recipe.eval.best_metric]
+            improved = state["best"] is None or score > state["best"]
+            if improved:
+                state["best"], state["best_epoch"], state["best_dev"] = score, label, metrics
+            tracker.log_metrics({f"dev_{k}": metrics[k] for k in KEYS}, step=label)
+            tqdm.write(format_table(metrics, f"dev after epoch {label} (best {recipe.eval.best_metric} "
+                                             f"{state['best']:.1f} at epoch {state['best_epoch']})"))
+        state["pending_eval"] = False
+        save_last()
+        if main and improved:
+            ckpt.promote(out / "last", out / "best", checkpoint_meta())
+        acc.wait_for_everyone()
+
     stop = Stop()
     stopped_by = None
+    if state.get("pending_eval"):  # a signal arrived right after an epoch's last step
+        end_of_epoch(state["epoch"])
     model.train()
     last_log, last_log_step = time.perf_counter(), state["global_step"]
-    from tqdm import tqdm
-
     for epoch in range(state["epoch"], t.epochs):
         lr = set_lr(optimizer, recipe.optim, epoch)
         steps = loader.num_batches(epoch) // t.grad_accum
@@ -179,44 +198,30 @@ def train(recipe, out_dir):
             if t.checkpoint_every and state["global_step"] % t.checkpoint_every == 0:
                 save_last()
             if stop.requested(device):
-                stopped_by = f"signal {stop.signal}"
+                stopped_by = "signal"
                 break
             if t.max_steps and state["global_step"] >= t.max_steps:
                 stopped_by = "max_steps"
                 break
         bar.close()
         batches.close()
-        if stopped_by and stopped_by != "max_steps":
+        done = state["micro_in_epoch"] >= steps * t.grad_accum
+        if done:
+            state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
+        if stopped_by == "signal":  # preemption: save now, evaluate after the restart
+            state["pending_eval"] = done
             save_last()
             if main:
-                print(f"[itr] stopped by {stopped_by} at step {state['global_step']}; "
+                print(f"[itr] stopped by signal {stop.signal} at step {state['global_step']}; "
                       f"resume with: itr train ... --out {out} train.resume=latest", flush=True)
             tracker.finish("KILLED")
             return None
-        if not stopped_by:
-            state["epoch"], state["micro_in_epoch"] = epoch + 1, 0
-
-        # -- end of epoch (or of a max_steps run): dev eval, last, best
-        metrics = evaluate_dev()
-        improved = False
-        if main:
-            score = metrics[recipe.eval.best_metric]
-            improved = state["best"] is None or score > state["best"]
-            if improved:
-                state["best"], state["best_epoch"] = score, epoch + 1
-            state["dev"] = metrics
-            tracker.log_metrics({f"dev_{k}": metrics[k] for k in KEYS}, step=epoch + 1)
-            bar.write(format_table(metrics, f"dev after epoch {epoch + 1} (best rsum {state['best']:.1f} "
-                                            f"at epoch {state['best_epoch']})"))
-        save_last()
-        if main and improved:
-            ckpt.promote(out / "last", out / "best", checkpoint_meta())
-        acc.wait_for_everyone()
+        end_of_epoch(epoch + 1)
         if stopped_by:
             break
 
     # ---- the best checkpoint on the test split
-    results = {"best_epoch": state["best_epoch"], "dev": state["dev"], "run_id": tracker.run_id,
+    results = {"best_epoch": state["best_epoch"], "dev": state["best_dev"], "run_id": tracker.run_id,
                "global_step": state["global_step"], "world_size": world, "optimizer_impl": optimizer_impl}
     test = final_test(recipe, out, device, rank, world)
     if main:

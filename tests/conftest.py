@@ -21,6 +21,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 def _isolated(tmp_path, monkeypatch):
     """Each test gets its own shard cache and MLflow store (cwd-relative defaults land in tmp)."""
     monkeypatch.setenv("ITR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri() exports it
     monkeypatch.chdir(tmp_path)
     yield
     from accelerate.state import AcceleratorState, GradientState

@@ -36,10 +36,10 @@ def test_two_process_training_logs_once_and_checkpoints_evaluate(tiny_data, tmp_
     meta = json.loads((tmp_path / "run" / "last" / "itr.json").read_text())
     assert meta["world_size"] == 2 and meta["rank_batch"] == 16
     # one MLflow run (rank 0 only), tagged with the world size we asked for
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["itr"])
-    assert len(runs) == 1 and runs.iloc[0]["tags.world_size"] == "2"
-    steps = [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(res["run_id"], "loss")]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("itr").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    steps = [m.step for m in client.get_metric_history(res["run_id"], "loss")]
     assert len(steps) == len(set(steps)) > 0  # each step logged once
     # 2 epochs x (800 pairs // 32 global)
     assert res["global_step"] == 2 * (800 // 32)

@@ -34,12 +34,11 @@ def test_train_writes_checkpoints_results_and_mlflow(tiny_data, tmp_path):
     assert again == pytest.approx(res["test"])
 
     # MLflow, default store: sqlite in the working directory
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.get_run(res["run_id"])
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(res["run_id"])
     assert run.data.params["model.text.name"] == "gru" and run.data.params["optim.lr"] == "0.002"
     assert run.data.tags["world_size"] == "1" and run.data.tags["model"] == "vsepp"
     assert "torch.optim.Adam" in run.data.tags["optimizer_impl"]
-    client = mlflow.tracking.MlflowClient()
     loss = client.get_metric_history(res["run_id"], "loss")
     assert len(loss) >= 2 and sorted(m.step for m in loss) == [m.step for m in sorted(loss, key=lambda m: m.step)]
     for key in ("lr", "samples_per_sec", "dev_rsum", "dev_i2t_R1", "test_rsum"):
@@ -87,3 +86,26 @@ def test_batch_not_divisible(tiny_data, tmp_path):
 
     with pytest.raises(ConfigError, match="divisible"):
         _train(tiny_data, tmp_path / "run", "train.grad_accum=3")
+
+
+def test_signal_at_an_epoch_boundary_evaluates_that_epoch_after_restart(tiny_data, tmp_path, monkeypatch):
+    import itr.train as tr
+
+    calls = {"n": 0}
+
+    def requested(self, device):
+        calls["n"] += 1
+        if calls["n"] == 25:  # the last step of epoch 1 (25 steps of 32 pairs)
+            self.signal = 15
+            return True
+        return False
+
+    with monkeypatch.context() as m:
+        m.setattr(tr.Stop, "requested", requested)
+        assert _train(tiny_data, tmp_path / "run") is None
+    meta = ckpt.read_meta(tmp_path / "run" / "last")["train_state"]
+    assert meta["epoch"] == 1 and meta["micro_in_epoch"] == 0 and meta["pending_eval"] and meta["best"] is None
+    res = _train(tiny_data, tmp_path / "run", "train.resume=latest")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(res["run_id"], "dev_rsum")] == [1, 2]
+    assert res["global_step"] == 50
