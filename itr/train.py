@@ -40,11 +40,16 @@ class Stop:
 
     def __init__(self):
         self.signal = None
+        self._previous = {}
         for s in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(s, self._handler)
+                self._previous[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread
                 pass
+
+    def close(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
 
     def _handler(self, signum, frame):
         self.signal = signum
@@ -59,6 +64,21 @@ def _to(batch, device):
 
 
 def train(recipe, out_dir):
+    """Train ``recipe`` into ``out_dir``; returns results (None when stopped by a signal)."""
+    stop = Stop()
+    try:
+        return _train(recipe, out_dir, stop)
+    except BaseException as e:
+        import mlflow
+
+        if mlflow.active_run() is not None:  # do not leave the MLflow run RUNNING forever
+            mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        stop.close()
+
+
+def _train(recipe, out_dir, stop):
     rd = to_dict(recipe)
     out = Path(out_dir).resolve()
     t = recipe.train
@@ -151,7 +171,6 @@ def train(recipe, out_dir):
             ckpt.promote(out / "last", out / "best", checkpoint_meta())
         acc.wait_for_everyone()
 
-    stop = Stop()
     stopped_by = None
     if state.get("pending_eval"):  # a signal arrived right after an epoch's last step
         end_of_epoch(state["epoch"])

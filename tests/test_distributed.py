@@ -28,8 +28,12 @@ def accelerate_launch(n, *args, use_cpu=True, timeout=300):
 
 @pytest.mark.slow
 def test_two_process_training_logs_once_and_checkpoints_evaluate(tiny_data, tmp_path):
-    p = accelerate_launch(2, "train", DEMO, *tiny_overrides(tiny_data), "train.world_size=2",
-                          "--out", tmp_path / "run")
+    """Through the shipped launch config, as the docs tell users to run it."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    p = subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
+                        "--main_process_port", "0", "-m", "itr", "train", str(DEMO), *tiny_overrides(tiny_data),
+                        "train.world_size=2", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["world_size"] == 2
