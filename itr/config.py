@@ -298,6 +298,8 @@ def _check_values(r: Recipe):
     choice("optim.name", r.optim.name, ("adam", "adamw"))
     choice("optim.impl", r.optim.impl, ("auto", "apex", "fused", "foreach", "plain"))
     choice("eval.protocol", r.eval.protocol, ("1k", "coco-5fold", "5k"))
+    choice("eval.best_metric", r.eval.best_metric,
+           ("rsum", "i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10"))  # higher is better
     for key, value in (("train.batch_size", r.train.batch_size), ("train.grad_accum", r.train.grad_accum),
                        ("train.epochs", r.train.epochs), ("eval.chunk_size", r.eval.chunk_size)):
         if value < 1:

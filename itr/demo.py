@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from itr.data.manifest import is_shard_dir
+from itr.tracking import ui_hint
 
 SPLITS = (("train", 3000), ("dev", 500), ("test", 1000))
 
@@ -48,6 +49,7 @@ def demo(out="itr-demo", recipe=None, overrides=()):
           f"(chance: R@1 0.1, rsum ~3.3); test rsum {results['test']['rsum']:.1f}.")
     print(f"[demo] results: {run / 'results.json'}; best checkpoint: {run / 'best'}")
     print(f"[demo] re-evaluate: itr eval {run / 'best'} --data {shard_dir} --split test")
-    print(f"[demo] browse the run: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --port 5000"
-          f"  then open http://127.0.0.1:5000")
+    print(f"[demo] training curves: {run / 'curves.png'}")
+    store = f"sqlite:///{out / 'mlflow.db'}"
+    print(f"[demo] browse the run in MLflow: {ui_hint(store, results['experiment_id'], results['run_id'])}")
     return results

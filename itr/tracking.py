@@ -91,9 +91,17 @@ class Tracker(NullTracker):
         self._safe("end_run", self.mlflow.end_run, status=status)
 
     def ui_hint(self):
-        store = self.uri
-        url = f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"mlflow ui --backend-store-uri {store} --port 5000   # then open {url}"
+        return ui_hint(self.uri, self.experiment_id, self.run_id)
+
+
+def ui_hint(uri, experiment_id=None, run_id=None):
+    """The command that opens the MLflow UI on a store (and the address of a run in it)."""
+    import shutil
+    import sys
+
+    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    url = "http://127.0.0.1:5000" + (f"/#/experiments/{experiment_id}/runs/{run_id}" if run_id else "")
+    return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open {url}"
 
 
 def make_tracker(recipe, is_main, run_id=None, default_name="itr"):

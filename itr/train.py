@@ -32,6 +32,7 @@ from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
 from itr.modules.losses import build_loss
 from itr.optim import make_optimizer, set_lr
+from itr.plots import training_curves
 from itr.tracking import make_tracker, recipe_params, run_name
 
 
@@ -124,7 +125,8 @@ def _train(recipe, out_dir, stop):
                          recipe.data.shuffle_buffer)
 
     state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
-             "run_id": None, "skipped_steps": 0, "best_dev": None, "pending_eval": False}
+             "run_id": None, "skipped_steps": 0, "best_dev": None, "pending_eval": False,
+             "history": {"loss": [], "dev": []}}
     if resume:
         acc.load_state(str(resume / ckpt.STATE))
         state.update(meta["train_state"])
@@ -163,6 +165,7 @@ def _train(recipe, out_dir, stop):
             if improved:
                 state["best"], state["best_epoch"], state["best_dev"] = score, label, metrics
             tracker.log_metrics({f"dev_{k}": metrics[k] for k in KEYS}, step=label)
+            state["history"]["dev"].append([label, metrics])
             tqdm.write(format_table(metrics, f"dev after epoch {label} (best {recipe.eval.best_metric} "
                                              f"{state['best']:.1f} at epoch {state['best_epoch']})"))
         state["pending_eval"] = False
@@ -208,6 +211,7 @@ def _train(recipe, out_dir, stop):
                 sps = (state["global_step"] - last_log_step) * t.batch_size / max(now - last_log, 1e-9)
                 last_log, last_log_step = now, state["global_step"]
                 bar.set_postfix(loss=f"{total / t.batch_size:.4f}", lr=f"{lr:.2g}", sps=f"{sps:.0f}")
+                state["history"]["loss"].append([state["global_step"], total / t.batch_size])
                 tracker.log_metrics({"loss": total / t.batch_size, "lr": lr, "samples_per_sec": sps,
                                      "grad_norm": float(grad_norm), "epoch": epoch,
                                      "skipped_steps": state["skipped_steps"]}, step=state["global_step"])
@@ -241,6 +245,7 @@ def _train(recipe, out_dir, stop):
 
     # ---- the best checkpoint on the test split
     results = {"best_epoch": state["best_epoch"], "dev": state["best_dev"], "run_id": tracker.run_id,
+               "experiment_id": tracker.experiment_id,
                "global_step": state["global_step"], "world_size": world, "optimizer_impl": optimizer_impl}
     test = final_test(recipe, out, device, rank, world)
     if main:
@@ -251,8 +256,9 @@ def _train(recipe, out_dir, stop):
                                      f"protocol {recipe.eval.protocol}"), flush=True)
         write_json(results, out / "results.json")
         (out / "recipe.yaml").write_text(yaml.safe_dump(rd, sort_keys=False))
-        tracker.log_artifact(out / "recipe.yaml")
-        tracker.log_artifact(out / "results.json")
+        training_curves(state["history"], out / "curves.png", f"{rd['model']['name']} on {dataset}")
+        for name in ("recipe.yaml", "results.json", "curves.png"):
+            tracker.log_artifact(out / name)
         if tracker.run_id:
             print(f"[itr] MLflow run {tracker.run_id}: {tracker.ui_hint()}", flush=True)
     tracker.finish()

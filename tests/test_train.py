@@ -45,7 +45,8 @@ def test_train_writes_checkpoints_results_and_mlflow(tiny_data, tmp_path):
         assert client.get_metric_history(res["run_id"], key), key
     assert [m.step for m in client.get_metric_history(res["run_id"], "dev_rsum")] == [1, 2]
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
-    assert {"recipe.yaml", "results.json"} <= arts
+    assert {"recipe.yaml", "results.json", "curves.png"} <= arts
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_continues_mid_epoch_to_identical_weights(tiny_data, tmp_path):
