@@ -95,8 +95,19 @@ def save_tokenizer(tokenizer, model, root: Path):
         backbone.config.save_pretrained(tm)
 
 
-def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True):
-    """Atomically write a checkpoint at ``dst``. Collective: call on every rank."""
+def consolidated_deepspeed_weights(state_dir):
+    """fp32 weights rebuilt from a (ZeRO 1-3, partitioned) DeepSpeed checkpoint written by save_state."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(state_dir))
+
+
+def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True, deepspeed=False):
+    """Atomically write a checkpoint at ``dst``. Collective: call on every rank.
+
+    Under DeepSpeed the weights are the fp32 master weights consolidated from the ZeRO
+    partitions (DeepSpeed's zero_to_fp32), so ``itr eval`` reads one safetensors file.
+    """
     dst = Path(dst)
     tmp = dst.parent / f".{dst.name}.tmp"
     main = accelerator.is_main_process
@@ -104,9 +115,13 @@ def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if with_state:
+    if with_state or deepspeed:
         accelerator.save_state(str(tmp / STATE), safe_serialization=True)
-    state_dict = accelerator.get_state_dict(model)  # consolidates ZeRO-3 shards; collective
+    if deepspeed:
+        accelerator.wait_for_everyone()
+        state_dict = consolidated_deepspeed_weights(tmp / STATE) if main else None
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if main:
         write_weights(state_dict, tmp / WEIGHTS)
         (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))

@@ -121,6 +121,21 @@ def parser():
     return p
 
 
+def _drop_local_rank(argv):
+    """The `deepspeed` launcher passes --local_rank=N (also exported as LOCAL_RANK): ignore it."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None):
     import os
 
@@ -131,7 +146,14 @@ def main(argv=None):
             os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed (imported by accelerate) warns on every start
     from itr.errors import ItrError
 
-    a = parser().parse_args(argv)
+    argv = _drop_local_rank(sys.argv[1:] if argv is None else list(argv))
+    p = parser()
+    a, extra = p.parse_known_args(argv)
+    if extra:  # overrides after --out DIR
+        if hasattr(a, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            a.overrides += extra
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         a.fn(a)
     except ItrError as e:

@@ -62,6 +62,9 @@ class TrainConfig:
     log_every: int = param(10, "log loss / lr / throughput every N optimizer steps")
     checkpoint_every: int = param(0, "also write DIR/last every N optimizer steps (0: at epoch ends only)")
     resume: Optional[str] = param(None, "'latest' (DIR/last if present) or a checkpoint directory")
+    deepspeed: Optional[str] = param(None, "DeepSpeed JSON (launch/ds_zero*.json); default: the one given to "
+                                           "`accelerate launch --use_deepspeed`, else none (DDP)")
+    compile: bool = param(False, "torch.compile the model")
 
 
 @dataclass
@@ -81,7 +84,9 @@ class LossConfig:
     margin: float = param(0.2, "hinge margin")
     max_violation: bool = param(True, "hardest negative only (VSE++); false sums all violations (VSE0)")
     warmup_epochs: int = param(0, "epochs of summed violations before switching to max violation (VSE-infinity uses 1)")
-    mask_same_image: bool = param(True, "captions of the same image in a batch are not negatives")
+    mask_same_image: bool = param(True, "captions of the same image in a batch are not negatives (across ranks too)")
+    global_negatives: bool = param(True, "mine negatives over the global batch (all ranks, gathered with gradients); "
+                                         "false: each rank's own pairs only")
 
 
 @dataclass

@@ -15,15 +15,78 @@ import torch.distributed as dist
 from itr.errors import LaunchError  # noqa: F401  (re-exported)
 
 
-def make_accelerator(mixed_precision="no", cpu=None):
+def make_accelerator(grad_accum=1, deepspeed_config=None, cpu=None):
+    """An Accelerator for DDP (or one process), or for DeepSpeed when ``deepspeed_config`` is a dict.
+
+    Mixed precision is not accelerate's job here (see ``itr.precision``): accelerate silently
+    runs fp16 in fp32 on a CPU. Under DeepSpeed, precision lives in the DeepSpeed config.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and launched else []
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=handlers)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and (launched or deepspeed_config) else []
+    if deepspeed_config is None:
+        return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    mp = "bf16" if deepspeed_config.get("bf16", {}).get("enabled") else "fp16" if deepspeed_config.get("fp16", {}).get("enabled") else "no"
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config)
+    return Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, gradient_accumulation_steps=grad_accum,
+                       kwargs_handlers=handlers)
+
+
+def deepspeed_config_path(recipe_value):
+    """The DeepSpeed JSON to use: the recipe's ``train.deepspeed``, else the one `accelerate launch` was given."""
+    if recipe_value:
+        return recipe_value
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path or path == "none":
+            raise LaunchError("accelerate launch --use_deepspeed needs --deepspeed_config_file (see launch/README.md)")
+        return path
+    return None
+
+
+def fill_deepspeed_config(path, rank_batch, grad_accum, world, grad_clip, mixed_precision):
+    """Read a DeepSpeed JSON and replace its "auto" values with the recipe's.
+
+    Our own values win where the file sets them explicitly and they disagree, with an
+    error: a batch size in the launch config that differs from the recipe is a mistake.
+    """
+    import json
+
+    from itr.errors import ConfigError
+
+    p = os.path.expandvars(os.path.expanduser(str(path)))
+    try:
+        cfg = json.loads(open(p).read())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
+    want = {
+        "train_micro_batch_size_per_gpu": rank_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": rank_batch * grad_accum * world,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in want.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and have != value:
+            raise ConfigError(f"{path}: {key}={have} but the recipe gives {value}; set it to \"auto\"")
+        cfg[key] = value
+    for mode in ("bf16", "fp16"):
+        section = cfg.setdefault(mode, {})
+        enabled = mixed_precision == mode
+        if section.get("enabled", "auto") not in ("auto", enabled):
+            raise ConfigError(f"{path}: {mode}.enabled={section['enabled']} but train.mixed_precision={mixed_precision}; "
+                              f"set it to \"auto\" (precision lives in the recipe)")
+        section["enabled"] = enabled
+    cfg.setdefault("zero_allow_untested_optimizer", True)  # we pass a torch optimizer (no fused_adam build)
+    return cfg
 
 
 def check_world_size(accelerator, expected=0):
@@ -63,3 +126,42 @@ def all_reduce_sum(x):
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the owner's slice.
+
+    Works on gloo (no reduce_scatter there): the backward all-reduces the full gradient
+    and keeps this rank's rows. OpenCLIP's gather_with_grad, written out.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x):
+    """(n, ...) on each rank -> (world * n, ...) on every rank, rank order, differentiable."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def gather_no_grad(x):
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

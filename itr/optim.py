@@ -41,7 +41,9 @@ def make_optimizer(model, cfg):
             opt = fused_adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_w_mode=cfg.name == "adamw")
             return opt, f"apex.optimizers.FusedAdam(adam_w_mode={cfg.name == 'adamw'})"
         if impl == "apex":
-            raise RuntimeError("optim.impl=apex but apex.optimizers.FusedAdam does not import (or no GPU); "
+            from itr.errors import ConfigError
+
+            raise ConfigError("optim.impl=apex but apex.optimizers.FusedAdam does not import (or no GPU); "
                                "install NVIDIA apex from source, or use optim.impl=auto")
         impl = "fused"
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam

@@ -6,15 +6,17 @@ Runs alike in one process and under ``accelerate launch -m itr train ...``.
 paper's batch when only the launch changes.
 
 Loss scale: the step's loss is the SUM over the global batch of per-query costs
-(VSE++'s convention, which grad_clip=2.0 was tuned for). DDP averages gradients over
-ranks, so each rank back-propagates ``world x`` its local sum. Negatives come from the
-rank's own micro-batch.
+(VSE++'s convention, which grad_clip=2.0 was tuned for). Negatives come from the whole
+global batch: every rank's embeddings are gathered with gradients, and with gradient
+accumulation the micro-batches are replayed so that the step equals one big batch
+(``train_step``). DDP averages gradients over ranks, so each rank back-propagates
+``world x`` its share.
 """
 import json
 import math
+import os
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,13 +28,15 @@ from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
 from itr.data.sources import data_kind, ensure_shards, load_split, split_captions
 from itr.errors import DataError
-from itr.distributed import all_reduce_sum, check_world_size, make_accelerator
+from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
+                             make_accelerator)
 from itr.eval.job import evaluate_model, write_json
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
 from itr.modules.losses import build_loss
 from itr.optim import make_optimizer, set_lr
 from itr.plots import training_curves
+from itr.precision import Precision
 from itr.tracking import make_tracker, recipe_params, run_name
 
 
@@ -60,6 +64,63 @@ class Stop:
         return bool(all_reduce_sum(flag).item() > 0)  # every rank stops at the same step
 
 
+def _rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def train_step(model, criterion, micro_batches, epoch, acc, precision, world):
+    """Forward and backward of one optimizer step; returns this rank's share of the loss.
+
+    One micro-batch: forward, loss of this rank's queries against the global batch, backward.
+    Several (gradient accumulation), exactly as one big batch: embed every micro-batch
+    without a graph, take the loss of the whole accumulated batch and its gradient with
+    respect to the embeddings, then replay each micro-batch's forward with a graph and
+    back-propagate that gradient (GradCache, Gao et al. 2021). The replay restores each
+    micro-batch's RNG state, so dropout masks are the same. Cost: one extra forward pass.
+    Per-micro-batch terms a model returns as ``aux_loss`` are added in the replay.
+    """
+    A = len(micro_batches)
+    if A == 1:
+        batch = micro_batches[0]
+        with acc.accumulate(model):
+            with precision.autocast():
+                out = model(batch)
+            loss = criterion(out, batch, epoch) + out.get("aux_loss", 0.0)
+            acc.backward(precision.scale(loss * world))
+        return loss.detach()
+    keys = ("img", "cap")
+    states, outs = [], []
+    with torch.no_grad():
+        for b in micro_batches:
+            states.append(_rng_state())
+            with precision.autocast():
+                out = model(b)
+            outs.append({k: out[k].float() for k in keys})
+    cached = {k: torch.cat([o[k] for o in outs]).requires_grad_() for k in keys}
+    loss = criterion(cached, {"img_ids": torch.cat([b["img_ids"] for b in micro_batches])}, epoch)
+    grads = dict(zip(keys, torch.autograd.grad(loss * world, [cached[k] for k in keys])))
+    start, aux = 0, 0.0
+    for b, state in zip(micro_batches, states):
+        n = len(b["img_ids"])
+        _set_rng_state(state)
+        with acc.accumulate(model):
+            with precision.autocast():
+                out = model(b)
+            surrogate = sum((out[k].float() * grads[k][start:start + n]).sum() for k in keys)
+            if "aux_loss" in out:
+                surrogate = surrogate + out["aux_loss"] * world
+                aux = aux + out["aux_loss"].detach()
+            acc.backward(precision.scale(surrogate * A))  # accelerate / DeepSpeed divide by A
+        start += n
+    return loss.detach() + aux
+
+
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -83,13 +144,19 @@ def _train(recipe, out_dir, stop):
     rd = to_dict(recipe)
     out = Path(out_dir).resolve()
     t = recipe.train
-    acc = make_accelerator(t.mixed_precision)
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.batch_size % (launched_world * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {launched_world} ranks x "
+                          f"train.grad_accum={t.grad_accum}")
+    rank_batch = t.batch_size // (launched_world * t.grad_accum)
+    ds_path = deepspeed_config_path(t.deepspeed)
+    ds_config = fill_deepspeed_config(ds_path, rank_batch, t.grad_accum, launched_world, t.grad_clip,
+                                      t.mixed_precision) if ds_path else None
+    acc = make_accelerator(t.grad_accum, ds_config)
     world = check_world_size(acc, t.world_size)
     rank, main, device = acc.process_index, acc.is_main_process, acc.device
-    if t.batch_size % (world * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {world} ranks x "
-                          f"train.grad_accum={t.grad_accum}")
-    rank_batch = t.batch_size // (world * t.grad_accum)
+    deepspeed = ds_config is not None
+    precision = Precision(t.mixed_precision, device, deepspeed)
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
@@ -119,7 +186,11 @@ def _train(recipe, out_dir, stop):
     img_dim = manifest["feature_shape"][-1]
     model = build_model(recipe, img_dim, tokenizer)
     optimizer, optimizer_impl = make_optimizer(model.to(device), recipe.optim)
+    if t.compile:
+        model.compile()  # in place: the state dict keeps its names (no _orig_mod. prefix)
     model, optimizer = acc.prepare(model, optimizer)
+    if precision.scaler is not None:
+        acc.register_for_checkpointing(precision.scaler)  # the fp16 loss scale resumes too
     criterion = build_loss(recipe.loss)
     loader = TrainLoader(manifest, tokenizer, rank_batch, world, rank, t.seed, recipe.data.num_workers,
                          recipe.data.shuffle_buffer)
@@ -136,11 +207,13 @@ def _train(recipe, out_dir, stop):
     tracker.log_params(recipe_params(rd))
     info = {"world_size": world, "rank_batch": rank_batch, "optimizer_impl": optimizer_impl,
             "precision": t.mixed_precision, "device": str(device), "img_dim": img_dim,
+            "deepspeed": f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)} ({ds_path})" if deepspeed else "no",
             "train_pairs": manifest["num_captions"], "vocab_size": len(tokenizer)}
     tracker.set_tags({"model": rd["model"]["name"], "dataset": dataset, **info})
     if main:
         print(f"[itr] {rd['model']['name']} on {dataset}: world {world} x batch {rank_batch} x accum {t.grad_accum}, "
-              f"precision {t.mixed_precision}, optimizer {optimizer_impl}, device {device}"
+              f"precision {t.mixed_precision}, optimizer {optimizer_impl}, device {device}, "
+              f"deepspeed {info['deepspeed']}"
               + (f", resumed from {resume} at epoch {state['epoch']} step {state['global_step']}" if resume else ""),
               flush=True)
 
@@ -149,7 +222,7 @@ def _train(recipe, out_dir, stop):
                 "grad_accum": t.grad_accum, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save_last():
-        ckpt.save(out / "last", acc, model, rd, tokenizer, checkpoint_meta())
+        ckpt.save(out / "last", acc, model, rd, tokenizer, checkpoint_meta(), deepspeed=deepspeed)
 
     def evaluate_dev():
         metrics, _ = evaluate_model(acc.unwrap_model(model), dev, tokenizer, recipe.eval, device, rank, world)
@@ -186,21 +259,14 @@ def _train(recipe, out_dir, stop):
         batches = loader.epoch(epoch, skip=state["micro_in_epoch"])
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not main, unit="step")
         for _ in range(first, steps):
-            # -- one optimizer step over grad_accum micro-batches
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(t.grad_accum):
-                batch = _to(next(batches), device)
-                sync = micro == t.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(model)):
-                    with acc.autocast():
-                        loss = criterion(model(batch), batch, epoch)
-                    acc.backward(loss * world)
-                loss_sum += loss.detach().float()
+            micro_batches = [_to(next(batches), device) for _ in range(t.grad_accum)]
+            loss_sum = train_step(model, criterion, micro_batches, epoch, acc, precision, world).float()
+            precision.unscale_(optimizer)
             grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-            optimizer.step()
+            skipped = precision.step(optimizer)  # DeepSpeed stepped inside backward; this is then a no-op
             optimizer.zero_grad(set_to_none=True)
-            if acc.optimizer_step_was_skipped:
-                state["skipped_steps"] += 1  # fp16 overflow: the scaler skipped the update
+            if skipped or acc.optimizer_step_was_skipped:
+                state["skipped_steps"] += 1  # fp16 overflow: the update was not applied
             state["global_step"] += 1
             state["micro_in_epoch"] += t.grad_accum
             bar.update(1)
@@ -213,7 +279,8 @@ def _train(recipe, out_dir, stop):
                 bar.set_postfix(loss=f"{total / t.batch_size:.4f}", lr=f"{lr:.2g}", sps=f"{sps:.0f}")
                 state["history"]["loss"].append([state["global_step"], total / t.batch_size])
                 tracker.log_metrics({"loss": total / t.batch_size, "lr": lr, "samples_per_sec": sps,
-                                     "grad_norm": float(grad_norm), "epoch": epoch,
+                                     "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
+                                     "epoch": epoch,
                                      "skipped_steps": state["skipped_steps"]}, step=state["global_step"])
                 if not math.isfinite(total):
                     raise FloatingPointError(f"loss is {total} at step {state['global_step']}; "

@@ -76,6 +76,14 @@ def run_itr(*args, env=None, timeout=600, check=True):
     return p
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_overrides(root, **extra):
     """Overrides that make a VSE++ run on tiny_data take seconds."""
     o = {

@@ -8,7 +8,7 @@ import sys
 import mlflow
 import pytest
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, free_port, tiny_overrides
 
 DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
 
@@ -84,3 +84,21 @@ def test_launcher_world_size_disagreement_is_an_error(monkeypatch):
         check_world_size(One())
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert check_world_size(One()) == 1
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_through_the_multinode_script(tiny_data, tmp_path):
+    """launch/multinode.sh on 2 "nodes" (one process each) fills rank and address from the environment."""
+    procs = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               PROCS_PER_NODE="1", PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    for rank in (0, 1):
+        procs.append(subprocess.Popen(
+            [str(ROOT / "launch" / "multinode.sh"), "-m", "itr", "train", str(DEMO),
+             *tiny_overrides(tiny_data, **{"train.epochs": 1}), "train.world_size=2", "tracking.enabled=false",
+             "--out", str(tmp_path / "run")],
+            env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert "machine 0 of 2" in logs[0] and "machine 1 of 2" in logs[1]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2

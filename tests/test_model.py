@@ -99,3 +99,37 @@ def test_tokenizer_round_trip_through_vocab_file(tmp_path):
     tok.save(tmp_path / "v.json")
     again = make_tokenizer(r, vocab_file=tmp_path / "v.json")
     assert isinstance(again, WordVocab) and again.idx2word == tok.idx2word
+
+
+def test_partial_freeze_keeps_embeddings_and_lower_layers_fixed(tiny_bert):
+    model, _ = _model(f"model.text={{name: hf, path: {tiny_bert}, freeze_layers: 1}}")
+    bb = model.txt_enc.backbone
+    assert not any(p.requires_grad for p in bb.embeddings.parameters())
+    assert not any(p.requires_grad for p in bb.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in bb.encoder.layer[1].parameters())
+    from itr.optim import param_groups
+
+    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    assert groups["pretrained_text"]["lr_mult"] == 0.1
+    assert sum(p.numel() for p in groups["pretrained_text"]["params"]) == sum(
+        p.numel() for p in bb.encoder.layer[1].parameters()) + sum(p.numel() for p in bb.pooler.parameters())
+    from itr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="freeze_layers=5"):
+        _model(f"model.text={{name: hf, path: {tiny_bert}, freeze_layers: 5}}")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_bert):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model, tok = _model(f"model.text={{name: hf, path: {tiny_bert}, grad_checkpointing: {str(ckpt).lower()}}}")
+        model.train()
+        ids, lens = _text(tok, CAPS[:4])
+        torch.manual_seed(1)  # the same dropout masks (checkpointing replays the RNG)
+        model.embed_captions(ids, lens).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        assert model.txt_enc.backbone.is_gradient_checkpointing == ckpt
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)

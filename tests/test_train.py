@@ -4,6 +4,7 @@ import shutil
 
 import mlflow
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from itr import checkpoint as ckpt
@@ -110,3 +111,21 @@ def test_signal_at_an_epoch_boundary_evaluates_that_epoch_after_restart(tiny_dat
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(res["run_id"], "dev_rsum")] == [1, 2]
     assert res["global_step"] == 50
+
+
+def test_fp16_training_counts_skipped_steps_and_resumes_the_loss_scale(tiny_data, tmp_path):
+    # a loss scale of 2**16 on this model overflows fp16 gradients at first: those steps are skipped
+    res = _train(tiny_data, tmp_path / "run", "tracking.enabled=false", "train.mixed_precision=fp16",
+                 "train.max_steps=6")
+    meta = ckpt.read_meta(tmp_path / "run" / "last")["train_state"]
+    assert res["global_step"] == 6 and meta["skipped_steps"] >= 1
+    scaler = torch.load(tmp_path / "run" / "last" / "state" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert scaler["scale"] < 2.0 ** 16  # halved once per overflow
+    res = _train(tiny_data, tmp_path / "run", "tracking.enabled=false", "train.mixed_precision=fp16",
+                 "train.resume=latest", "train.epochs=1")
+    assert res["global_step"] == 25
+
+
+def test_torch_compile_option_trains_and_checkpoints_load(tiny_data, tmp_path):
+    res = _train(tiny_data, tmp_path / "run", "tracking.enabled=false", "train.compile=true", "train.epochs=1")
+    assert set(KEYS) <= set(res["test"])  # the test eval loads DIR/best into an uncompiled model

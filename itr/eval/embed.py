@@ -15,41 +15,46 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="item", disable=not enabled, leave=False)
 
 
+def _local_batches(n, rank, world, batch_size):
+    """This rank's [lo, hi) slices of n items, padded with empty slices so that every rank
+    runs the same number of forward passes (ZeRO-3 gathers parameters in each of them)."""
+    lo, hi = shard_range(n, rank, world)
+    steps = -(-(-(-n // world)) // batch_size)  # ceil(ceil(n / world) / batch_size)
+    return [(min(hi, lo + i * batch_size), min(hi, lo + (i + 1) * batch_size)) for i in range(steps)], hi - lo
+
+
 @torch.no_grad()
 def embed_images(model, images, batch_size=256, device="cpu", rank=0, world=1, progress=False):
     n = images.shape[0]
-    lo, hi = shard_range(n, rank, world)
+    slices, count = _local_batches(n, rank, world, batch_size)
     outs = []
-    with _progress(hi - lo, "embed images", progress) as bar:
-        for i in range(lo, hi, batch_size):
-            feats = torch.from_numpy(np.array(images[i:min(hi, i + batch_size)], dtype=np.float32)).to(device)
-            outs.append(model.embed_images(feats).float())
-            bar.update(feats.shape[0])
-    local = torch.cat(outs) if outs else torch.zeros(0, device=device)
-    if not outs:  # an empty slice still needs the embedding shape for the gather
-        local = model.embed_images(torch.zeros((1, *images.shape[1:]), device=device)).float()[:0]
-    return gather_rows(local, n, world).cpu()
+    with _progress(count, "embed images", progress) as bar:
+        for a, b in slices:
+            rows = images[a:b] if b > a else images[:1]  # an empty slice still runs one forward
+            emb = model.embed_images(torch.from_numpy(np.array(rows, dtype=np.float32)).to(device)).float()
+            outs.append(emb[: b - a])
+            bar.update(b - a)
+    return gather_rows(torch.cat(outs), n, world).cpu()
 
 
 @torch.no_grad()
 def embed_captions(model, captions, tokenizer, batch_size=256, device="cpu", rank=0, world=1, progress=False):
     m = len(captions)
-    lo, hi = shard_range(m, rank, world)
-    tokens = [tokenizer.encode(c) for c in captions[lo:hi]]
-    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    lo, _ = shard_range(m, rank, world)
+    slices, count = _local_batches(m, rank, world, batch_size)
+    tokens = [tokenizer.encode(c) for c in captions[lo:lo + count]] or [tokenizer.encode(captions[0])]
+    order = sorted(range(count), key=lambda i: len(tokens[i]))
     out = None
-    with _progress(len(tokens), "embed captions", progress) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
+    with _progress(count, "embed captions", progress) as bar:
+        for a, b in slices:
+            idx = order[a - lo:b - lo] or [0]
             ids, lens = collate_tokens([tokens[i] for i in idx], tokenizer.pad_id)
             emb = model.embed_captions(ids.to(device), lens.to(device)).float()
             if out is None:
-                out = torch.empty((len(tokens), *emb.shape[1:]), device=device)
-            out[torch.as_tensor(idx, device=device)] = emb
-            bar.update(len(idx))
-    if out is None:
-        ids, lens = collate_tokens([tokenizer.encode("a")], tokenizer.pad_id)
-        out = model.embed_captions(ids.to(device), lens.to(device)).float()[:0]
+                out = torch.empty((count, *emb.shape[1:]), device=device)
+            if b > a:
+                out[torch.as_tensor(idx, device=device)] = emb
+            bar.update(b - a)
     return gather_rows(out, m, world).cpu()
 
 

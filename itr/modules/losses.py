@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from itr.distributed import gather_no_grad, gather_with_grad, is_distributed
 from itr.registry import LOSSES
 
 
@@ -39,26 +40,42 @@ def hinge_loss(img, cap, img_ids, margin=0.2, max_violation=True, mask_same_imag
     return cost_c.sum() + cost_i.sum()
 
 
+class ContrastiveLoss(torch.nn.Module):
+    """Base for losses over (image, caption) embeddings with in-batch negatives.
+
+    ``candidates`` gathers every rank's embeddings with gradients (OpenCLIP's
+    gather-with-grad + local loss): each rank scores its own queries against the global
+    batch, the sum over ranks is the loss of the global batch, and the gather's backward
+    routes every rank's gradient to the embeddings' owner. Embeddings are scored in fp32.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def candidates(self, img, cap, img_ids):
+        if not self.cfg.global_negatives or not is_distributed():
+            return {}
+        return {"img_all": gather_with_grad(img), "cap_all": gather_with_grad(cap), "ids_all": gather_no_grad(img_ids),
+                "offset": torch.distributed.get_rank() * img.shape[0]}
+
+
 @dataclass
 class _HingeCfg:
     pass
 
 
 @LOSSES.register("hinge", _HingeCfg)
-class HingeLoss(torch.nn.Module):
+class HingeLoss(ContrastiveLoss):
     """VSE++ loss with an optional warm-up of summed violations (``loss.warmup_epochs``)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
 
     def max_violation(self, epoch):
         return self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
 
-    def forward(self, out, batch, epoch, gathered=None):
-        kw = gathered or {}
-        return hinge_loss(out["img"], out["cap"], batch["img_ids"], margin=self.cfg.margin,
-                          max_violation=self.max_violation(epoch), mask_same_image=self.cfg.mask_same_image, **kw)
+    def forward(self, out, batch, epoch):
+        img, cap, ids = out["img"].float(), out["cap"].float(), batch["img_ids"]
+        return hinge_loss(img, cap, ids, margin=self.cfg.margin, max_violation=self.max_violation(epoch),
+                          mask_same_image=self.cfg.mask_same_image, **self.candidates(img, cap, ids))
 
 
 def build_loss(loss_cfg):

@@ -1,0 +1,82 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 in bf16 on 2 CPU processes through `accelerate launch`:
+save, exact resume, and consolidation into one safetensors file that `itr eval` reads
+without DeepSpeed."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, free_port, tiny_overrides
+
+DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
+
+
+def _launch(config, tiny_data, out, *extra):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / config), "--main_process_port", "0",
+           "-m", "itr", "train", str(DEMO), *tiny_overrides(tiny_data), "train.mixed_precision=bf16",
+           "train.world_size=2", "tracking.enabled=false", *extra, "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_bf16_save_resume_consolidate(stage, tiny_data, tmp_path):
+    config = f"cpu_deepspeed_zero{stage}.yaml"
+    p = _launch(config, tiny_data, tmp_path / "full")
+    assert f"deepspeed ZeRO-{stage}" in p.stdout and "precision bf16" in p.stdout
+    state = tmp_path / "full" / "last" / "state" / "pytorch_model"
+    partitions = sorted(f.name for f in state.iterdir() if "optim_states" in f.name)
+    assert len(partitions) == 2, partitions  # one optimizer partition per rank: really ZeRO
+    # stop after 30 of 50 steps, resume, and end bit-identical to the uninterrupted run
+    _launch(config, tiny_data, tmp_path / "cut", "train.max_steps=30")
+    p = _launch(config, tiny_data, tmp_path / "cut", "train.resume=latest")
+    assert "resumed from" in p.stdout and "step 30" in p.stdout
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert all(v.dtype.is_floating_point and str(v.dtype) == "torch.float32" for v in a.values())  # fp32 master
+    # the consolidated checkpoint evaluates in a process where DeepSpeed cannot be imported
+    code = ("import sys; sys.modules['deepspeed'] = None; from itr.cli import main; "
+            f"sys.exit(main(['eval', {str(tmp_path / 'full' / 'best')!r}, '--data', {str(tiny_data)!r}, "
+            f"'--split', 'test', '--json', {str(tmp_path / 'm.json')!r}]))")
+    e = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-3000:]
+    res = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert json.loads((tmp_path / "m.json").read_text())["rsum"] == pytest.approx(res["test"]["rsum"])
+
+
+@pytest.mark.slow
+def test_the_deepspeed_launcher_runs_the_same_json(tiny_data, tmp_path):
+    """`deepspeed --module itr train ... train.deepspeed=launch/ds_zero2.json` (it adds --local_rank=N)."""
+    ds = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    cmd = [ds, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "itr", "train", str(DEMO),
+           *tiny_overrides(tiny_data, **{"train.epochs": 1}), "train.mixed_precision=bf16", "train.world_size=2",
+           "tracking.enabled=false", f"train.deepspeed={ROOT / 'launch' / 'ds_zero2.json'}", "--out", str(tmp_path / "r")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["world_size"] == 2
+
+
+def test_deepspeed_json_autos_are_filled_from_the_recipe(tmp_path):
+    from itr.distributed import fill_deepspeed_config
+    from itr.errors import ConfigError
+
+    cfg = fill_deepspeed_config(ROOT / "launch" / "ds_zero3.json", rank_batch=16, grad_accum=2, world=4,
+                                grad_clip=2.0, mixed_precision="bf16")
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (16, 2, 128)
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False and cfg["gradient_clipping"] == 2.0
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4"):
+        fill_deepspeed_config(bad, 16, 1, 1, 2.0, "no")
+    with pytest.raises(ConfigError, match="does not exist"):
+        fill_deepspeed_config(tmp_path / "nope.json", 16, 1, 1, 2.0, "no")
