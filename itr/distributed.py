@@ -32,10 +32,14 @@ def make_accelerator(grad_accum=1, deepspeed_config=None, cpu=None):
         return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.pop("ACCELERATE_USE_CPU", None)  # it would make accelerate drop DeepSpeed without a word
     mp = "bf16" if deepspeed_config.get("bf16", {}).get("enabled") else "fp16" if deepspeed_config.get("fp16", {}).get("enabled") else "no"
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config)
-    return Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, gradient_accumulation_steps=grad_accum,
-                       kwargs_handlers=handlers)
+    acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, gradient_accumulation_steps=grad_accum,
+                      kwargs_handlers=handlers)
+    if acc.distributed_type.name != "DEEPSPEED":
+        raise LaunchError(f"a DeepSpeed config was given but accelerate set up {acc.distributed_type.name}")
+    return acc
 
 
 def deepspeed_config_path(recipe_value):

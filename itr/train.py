@@ -29,7 +29,7 @@ from itr.data.loader import TrainLoader
 from itr.data.sources import data_kind, ensure_shards, load_split, split_captions
 from itr.errors import DataError
 from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
-                             make_accelerator)
+                             is_distributed, make_accelerator)
 from itr.eval.job import evaluate_model, write_json
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
@@ -60,8 +60,18 @@ class Stop:
         self.signal = signum
 
     def requested(self, device):
+        """True on every rank at the same step once any rank got a signal.
+
+        With several ranks the flags are summed by an all-reduce started one step earlier and
+        collected now, so the check never blocks a step (a stop comes one step later)."""
+        if not is_distributed():
+            return self.signal is not None
         flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        return bool(all_reduce_sum(flag).item() > 0)  # every rank stops at the same step
+        pending, self._pending = getattr(self, "_pending", None), (flag, torch.distributed.all_reduce(flag, async_op=True))
+        if pending is None:
+            return False
+        pending[1].wait()
+        return bool(pending[0].item() > 0)
 
 
 def _rng_state():

@@ -80,3 +80,27 @@ def test_deepspeed_json_autos_are_filled_from_the_recipe(tmp_path):
         fill_deepspeed_config(bad, 16, 1, 1, 2.0, "no")
     with pytest.raises(ConfigError, match="does not exist"):
         fill_deepspeed_config(tmp_path / "nope.json", 16, 1, 1, 2.0, "no")
+
+
+@pytest.mark.slow
+def test_deepspeed_and_ddp_take_the_same_steps(tiny_data, tmp_path):
+    """fp32, 2 ranks x 2 accumulation steps: the same losses and gradient norms under ZeRO-2 as under DDP,
+    so DeepSpeed's own loss scaling by accumulation steps and its reduction match ours."""
+    import mlflow
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    for name, flags in (("ddp", ["--multi_gpu"]),
+                        ("zero2", ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "launch" / "ds_zero2.json")])):
+        cmd = [accelerate, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+               "-m", "itr", "train", str(DEMO), *tiny_overrides(tiny_data), "train.grad_accum=2", "train.log_every=1",
+               "train.max_steps=5", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"tracking.run_name={name}",
+               "--out", str(tmp_path / name)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true"))
+        assert p.returncode == 0, p.stderr[-4000:]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([client.get_experiment_by_name("itr").experiment_id])}
+    for key in ("loss", "grad_norm"):
+        ddp, ds = ([m.value for m in sorted(client.get_metric_history(runs[n], key), key=lambda m: m.step)]
+                   for n in ("ddp", "zero2"))
+        assert len(ddp) == 5 and ddp == pytest.approx(ds, rel=1e-4), key
