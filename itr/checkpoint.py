@@ -13,6 +13,7 @@ if it lands between the renames, ``resolve`` finds the old one at ``.NAME.old``.
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -158,6 +159,23 @@ def read_meta(path):
     return json.loads((resolve(path) / META).read_text())
 
 
+@contextmanager
+def _unpartitioned_transformers():
+    """Build whole models even inside a ZeRO-3 run: transformers partitions every model it creates
+    while DeepSpeed's ZeRO-3 config is registered with it (a module global)."""
+    try:
+        import transformers.integrations.deepspeed as hfds
+    except Exception:  # no transformers integration: nothing to undo
+        yield
+        return
+    saved = getattr(hfds, "_hf_deepspeed_config_weak_ref", None)
+    hfds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hfds._hf_deepspeed_config_weak_ref = saved
+
+
 def load_for_eval(path, device="cpu"):
     """(model, tokenizer, recipe, meta) from a checkpoint; needs neither accelerate nor DeepSpeed."""
     from safetensors.torch import load_file
@@ -173,7 +191,8 @@ def load_for_eval(path, device="cpu"):
     meta = json.loads((root / META).read_text())
     vocab = root / VOCAB
     tokenizer = make_tokenizer(recipe, vocab_file=vocab if vocab.is_file() else None)
-    model = build_model(recipe, meta["img_dim"], tokenizer)
+    with _unpartitioned_transformers():
+        model = build_model(recipe, meta["img_dim"], tokenizer)
     missing, unexpected = model.load_state_dict(load_file(str(root / WEIGHTS)), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{root / WEIGHTS} does not match the model of {root / RECIPE}: "

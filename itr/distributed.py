@@ -34,7 +34,10 @@ def make_accelerator(grad_accum=1, deepspeed_config=None, cpu=None):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.pop("ACCELERATE_USE_CPU", None)  # it would make accelerate drop DeepSpeed without a word
     mp = "bf16" if deepspeed_config.get("bf16", {}).get("enabled") else "fp16" if deepspeed_config.get("fp16", {}).get("enabled") else "no"
-    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config)
+    # zero3_init_flag=False: build the model whole on each rank, then let the engine partition it.
+    # Under zero.Init, transformers would create the text encoder already partitioned next to our
+    # unpartitioned heads; the models here (at most BERT-base size) fit on one device anyway.
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config, zero3_init_flag=False)
     acc = Accelerator(deepspeed_plugin=plugin, mixed_precision=mp, gradient_accumulation_steps=grad_accum,
                       kwargs_handlers=handlers)
     if acc.distributed_type.name != "DEEPSPEED":

@@ -36,7 +36,7 @@ from itr.models import build_model, make_tokenizer
 from itr.modules.losses import build_loss
 from itr.optim import make_optimizer, set_lr
 from itr.plots import training_curves
-from itr.precision import Precision
+from itr.precision import DTYPES, Precision
 from itr.tracking import make_tracker, recipe_params, run_name
 
 
@@ -195,6 +195,11 @@ def _train(recipe, out_dir, stop):
     tokenizer = make_tokenizer(recipe, captions=None if vocab else split_captions(manifest), vocab_file=vocab)
     img_dim = manifest["feature_shape"][-1]
     model = build_model(recipe, img_dim, tokenizer)
+    if deepspeed and t.mixed_precision != "no":
+        # One dtype for every parameter before the engine sees them: transformers already loads the
+        # text encoder in the DeepSpeed config's dtype, and ZeRO-3 partitions parameters as they are
+        # (mixed dtypes fail in its "defragment"). ZeRO-1/2 would make the same cast themselves.
+        model.to(DTYPES[t.mixed_precision])
     optimizer, optimizer_impl = make_optimizer(model.to(device), recipe.optim)
     if t.compile:
         model.compile()  # in place: the state dict keeps its names (no _orig_mod. prefix)

@@ -104,3 +104,14 @@ def test_deepspeed_and_ddp_take_the_same_steps(tiny_data, tmp_path):
         ddp, ds = ([m.value for m in sorted(client.get_metric_history(runs[n], key), key=lambda m: m.step)]
                    for n in ("ddp", "zero2"))
         assert len(ddp) == 5 and ddp == pytest.approx(ds, rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_zero3_with_a_transformers_text_encoder(tiny_data, tiny_bert, tmp_path):
+    """A BERT-family encoder next to our own heads, partitioned by ZeRO-3 in bf16, with accumulation,
+    a 0.1x text learning rate and activation checkpointing; its checkpoint evaluates without DeepSpeed."""
+    p = _launch("cpu_deepspeed_zero3.yaml", tiny_data, tmp_path / "run", "train.epochs=1", "train.grad_accum=2",
+                f"model.text={{name: hf, path: {tiny_bert}, grad_checkpointing: true}}", "optim.text_lr_mult=0.1")
+    assert "deepspeed ZeRO-3" in p.stdout
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["test"]["rsum"] > 0 and (tmp_path / "run" / "best" / "text_model" / "config.json").is_file()
