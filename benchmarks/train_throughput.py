@@ -58,7 +58,7 @@ def bare_loop(model, batches, steps, world):
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=True)
 
     def step(batch):
-        out = model(batch)
+        out = model(batch, mode="embed")
         img, cap = out["img"], out["cap"]
         scores = img @ cap.t()
         d = scores.diag()
@@ -76,7 +76,6 @@ def bare_loop(model, batches, steps, world):
 
 def itr_loop(model, recipe, world):
     from itr.distributed import all_reduce_sum, make_accelerator
-    from itr.modules.losses import build_loss
     from itr.optim import make_optimizer
     from itr.precision import Precision
     from itr.train import Stop, train_step
@@ -84,11 +83,11 @@ def itr_loop(model, recipe, world):
     acc = make_accelerator()
     opt, _ = make_optimizer(model, recipe.optim)
     model, opt = acc.prepare(model, opt)
-    criterion, precision, stop = build_loss(recipe.loss), Precision("no", "cpu"), Stop()
+    precision, stop = Precision("no", "cpu"), Stop()
     count = {"n": 0}
 
     def step(batch):
-        loss = train_step(model, criterion, [batch], 1, acc, precision, world)
+        loss = train_step(model, [batch], 1, acc, precision, world)
         precision.unscale_(opt)
         acc.clip_grad_norm_(model.parameters(), 2.0)
         precision.step(opt)

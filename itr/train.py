@@ -33,7 +33,7 @@ from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_
 from itr.eval.job import evaluate_model, write_json
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
-from itr.modules.losses import build_loss
+from itr.models.base import embedding_keys
 from itr.optim import make_optimizer, set_lr
 from itr.plots import training_curves
 from itr.precision import DTYPES, Precision
@@ -84,49 +84,60 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state[1])
 
 
-def train_step(model, criterion, micro_batches, epoch, acc, precision, world):
+def train_step(model, micro_batches, epoch, acc, precision, world):
     """Forward and backward of one optimizer step; returns this rank's share of the loss.
 
-    One micro-batch: forward, loss of this rank's queries against the global batch, backward.
-    Several (gradient accumulation), exactly as one big batch: embed every micro-batch
-    without a graph, take the loss of the whole accumulated batch and its gradient with
-    respect to the embeddings, then replay each micro-batch's forward with a graph and
-    back-propagate that gradient (GradCache, Gao et al. 2021). The replay restores each
-    micro-batch's RNG state, so dropout masks are the same. Cost: one extra forward pass.
-    Per-micro-batch terms a model returns as ``aux_loss`` are added in the replay.
+    One micro-batch: the model embeds it and returns the loss of this rank's queries
+    against the global batch; backward. Several (gradient accumulation), exactly as one big
+    batch (GradCache, Gao et al. 2021):
+
+    1. embed every micro-batch without a graph (remembering its RNG state);
+    2. the loss of the whole accumulated batch on those embeddings, and its gradient with
+       respect to them;
+    3. replay each micro-batch but the last with a graph and back-propagate that gradient;
+    4. replay the last one through the loss of the whole batch, its own rows live: exact for
+       it and for any learnable batch-level module (HREM, SelfAlign).
+
+    Replays restore each micro-batch's RNG state, so dropout masks match. Cost: one extra
+    forward pass per micro-batch. Per-micro-batch ``aux_loss`` terms are added in the replays.
     """
-    A = len(micro_batches)
-    if A == 1:
+    if len(micro_batches) == 1:
         batch = micro_batches[0]
         with acc.accumulate(model):
             with precision.autocast():
-                out = model(batch)
-            loss = criterion(out, batch, epoch) + out.get("aux_loss", 0.0)
+                loss = model(batch, epoch=epoch)["loss"]
             acc.backward(precision.scale(loss * world))
         return loss.detach()
-    keys = ("img", "cap")
-    states, outs = [], []
+    A = len(micro_batches)
+    core = acc.unwrap_model(model)
+    states, embs = [], []
     with torch.no_grad():
         for b in micro_batches:
             states.append(_rng_state())
             with precision.autocast():
-                out = model(b)
-            outs.append({k: out[k].float() for k in keys})
-    cached = {k: torch.cat([o[k] for o in outs]).requires_grad_() for k in keys}
-    loss = criterion(cached, {"img_ids": torch.cat([b["img_ids"] for b in micro_batches])}, epoch)
+                embs.append(core.embed(b))
+    keys = embedding_keys(embs[0])
+    cached = {k: torch.cat([e[k].float() for e in embs]).requires_grad_() for k in keys}
+    img_ids = torch.cat([b["img_ids"] for b in micro_batches])
+    loss = core.batch_loss(cached, img_ids, epoch)
     grads = dict(zip(keys, torch.autograd.grad(loss * world, [cached[k] for k in keys])))
+    context = {"emb": {k: v.detach() for k, v in cached.items()}, "img_ids": img_ids}
     start, aux = 0, 0.0
-    for b, state in zip(micro_batches, states):
+    for i, (b, state) in enumerate(zip(micro_batches, states)):
         n = len(b["img_ids"])
         _set_rng_state(state)
         with acc.accumulate(model):
             with precision.autocast():
-                out = model(b)
-            surrogate = sum((out[k].float() * grads[k][start:start + n]).sum() for k in keys)
+                if i < A - 1:
+                    out = model(b, epoch=epoch, mode="embed")
+                    total = sum((out[k].float() * grads[k][start:start + n]).sum() for k in keys) / world
+                    total = total + out.get("aux_loss", 0.0)
+                else:
+                    out = model(b, epoch=epoch, context={**context, "rows": (start, start + n)})
+                    total = out["loss"]
             if "aux_loss" in out:
-                surrogate = surrogate + out["aux_loss"] * world
                 aux = aux + out["aux_loss"].detach()
-            acc.backward(precision.scale(surrogate * A))  # accelerate / DeepSpeed divide by A
+            acc.backward(precision.scale(total * world * A))  # accelerate / DeepSpeed divide by A
         start += n
     return loss.detach() + aux
 
@@ -206,7 +217,6 @@ def _train(recipe, out_dir, stop):
     model, optimizer = acc.prepare(model, optimizer)
     if precision.scaler is not None:
         acc.register_for_checkpointing(precision.scaler)  # the fp16 loss scale resumes too
-    criterion = build_loss(recipe.loss)
     loader = TrainLoader(manifest, tokenizer, rank_batch, world, rank, t.seed, recipe.data.num_workers,
                          recipe.data.shuffle_buffer)
 
@@ -275,7 +285,7 @@ def _train(recipe, out_dir, stop):
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not main, unit="step")
         for _ in range(first, steps):
             micro_batches = [_to(next(batches), device) for _ in range(t.grad_accum)]
-            loss_sum = train_step(model, criterion, micro_batches, epoch, acc, precision, world).float()
+            loss_sum = train_step(model, micro_batches, epoch, acc, precision, world).float()
             precision.unscale_(optimizer)
             grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
             skipped = precision.step(optimizer)  # DeepSpeed stepped inside backward; this is then a no-op

@@ -1,8 +1,7 @@
 """Models, one file each, registered by name (``model.name`` in a recipe).
 
-Every model exposes ``embed_images(feats)``, ``embed_captions(ids, lens)``,
-``forward(batch) -> {"img", "cap"}`` and ``score(img_emb, cap_emb)``, which is all
-the trainer and the evaluation job need.
+Every model is an ``itr.models.base.MatchingModel``: ``embed`` + ``batch_loss`` for training
+(joined by ``forward``), ``embed_images`` / ``embed_captions`` / ``score`` for evaluation.
 """
 from itr.config import build_section
 from itr.modules import encoders as _encoders  # noqa: F401  (registers encoders)
@@ -26,5 +25,6 @@ def make_tokenizer(recipe, captions=None, vocab_file=None):
 
 
 def build_model(recipe, img_dim, tokenizer):
+    """The recipe's model, with its loss (``recipe.loss``) built in."""
     entry, mcfg = model_config(recipe)
-    return entry.build(mcfg, img_dim, tokenizer)
+    return entry.build(mcfg, img_dim, tokenizer, recipe.loss)

@@ -7,9 +7,8 @@ negative (``itr.modules.losses.hinge_loss``).
 """
 from dataclasses import dataclass
 
-import torch.nn as nn
-
 from itr.config import component, param
+from itr.models.base import MatchingModel
 from itr.modules.encoders import build_image_encoder, text_entry
 from itr.registry import MODELS
 
@@ -22,9 +21,9 @@ class VSEPPConfig:
 
 
 @MODELS.register("vsepp", VSEPPConfig)
-class VSEPP(nn.Module):
-    def __init__(self, cfg: VSEPPConfig, img_dim: int, tokenizer):
-        super().__init__()
+class VSEPP(MatchingModel):
+    def __init__(self, cfg: VSEPPConfig, img_dim: int, tokenizer, loss_cfg=None):
+        super().__init__(loss_cfg)
         self.cfg = cfg
         self.img_enc = build_image_encoder(cfg.image, img_dim, cfg.embed_dim)
         entry, tcfg = text_entry(cfg.text)
@@ -35,16 +34,3 @@ class VSEPP(nn.Module):
 
     def embed_captions(self, ids, lens):
         return self.txt_enc(ids, lens)
-
-    def forward(self, batch):
-        return {"img": self.embed_images(batch["feats"]), "cap": self.embed_captions(batch["text_ids"], batch["text_lens"])}
-
-    @staticmethod
-    def score(img_emb, cap_emb):
-        """All-pairs similarity of embedded images and captions."""
-        return img_emb @ cap_emb.t()
-
-    def pretrained_parameters(self):
-        """Parameters of a pretrained text backbone (trained at ``optim.text_lr_mult`` x lr)."""
-        backbone = getattr(self.txt_enc, "backbone", None)
-        return list(backbone.parameters()) if backbone is not None else []

@@ -1,0 +1,69 @@
+"""What every model provides, and the one forward the trainer calls.
+
+A model is two things:
+
+- encoders: ``embed(batch)`` -> training-time embeddings of a micro-batch (``img``, ``cap``, and
+  optionally ``aux_loss``, a per-micro-batch term such as VSRN's caption generation loss);
+  ``embed_images`` / ``embed_captions`` / ``score`` for evaluation;
+- a batch loss: ``batch_loss(emb, img_ids, epoch)``, the loss of this rank's queries against
+  the global batch (gathered by the criterion), including any learnable batch-level module
+  (HREM's instance interaction, SelfAlign's prototypes). Default: ``self.criterion``.
+
+``forward`` joins them so that DDP / DeepSpeed see every parameter used in one forward:
+``mode="loss"`` embeds and returns the loss; ``mode="embed"`` only embeds (the replays of
+exact gradient accumulation, ``itr.train.train_step``). With ``context`` (the embeddings of the
+whole accumulated batch, detached), the loss is that of the whole batch, this micro-batch's rows
+live: its gradient is exact for this micro-batch and for the batch-level modules.
+"""
+import torch
+import torch.nn as nn
+
+from itr.modules.losses import build_loss
+
+
+def embedding_keys(emb):
+    """The differentiable per-pair outputs of ``embed`` (everything float but ``aux_loss``)."""
+    return [k for k, v in emb.items() if k != "aux_loss" and torch.is_tensor(v) and v.is_floating_point()]
+
+
+class MatchingModel(nn.Module):
+    def __init__(self, loss_cfg=None):
+        super().__init__()
+        self.criterion = build_loss(loss_cfg) if loss_cfg is not None else None
+
+    # -- to implement
+    def embed(self, batch):
+        return {"img": self.embed_images(batch["feats"]), "cap": self.embed_captions(batch["text_ids"], batch["text_lens"])}
+
+    def embed_images(self, feats):
+        raise NotImplementedError
+
+    def embed_captions(self, ids, lens):
+        raise NotImplementedError
+
+    @staticmethod
+    def score(img_emb, cap_emb):
+        """All-pairs similarity of embedded images and captions (global embeddings: cosine)."""
+        return img_emb @ cap_emb.t()
+
+    def batch_loss(self, emb, img_ids, epoch):
+        return self.criterion(emb, {"img_ids": img_ids}, epoch)
+
+    def pretrained_parameters(self):
+        """Parameters of pretrained backbones (trained at ``optim.text_lr_mult`` x lr)."""
+        backbone = getattr(getattr(self, "txt_enc", None), "backbone", None)
+        return list(backbone.parameters()) if backbone is not None else []
+
+    # -- the trainer's entry point
+    def forward(self, batch, epoch=0, mode="loss", context=None):
+        emb = self.embed(batch)
+        if mode == "embed":
+            return emb
+        aux = emb.get("aux_loss")
+        full, ids = {k: emb[k].float() for k in embedding_keys(emb)}, batch["img_ids"]
+        if context is not None:  # splice this micro-batch's live rows into the whole (detached) batch
+            lo, hi = context["rows"]
+            full = {k: torch.cat([context["emb"][k][:lo], v, context["emb"][k][hi:]]) for k, v in full.items()}
+            ids = context["img_ids"]
+        loss = self.batch_loss(full, ids, epoch)
+        return {**emb, "loss": loss + aux if aux is not None else loss}
