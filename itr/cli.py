@@ -20,6 +20,15 @@ def _shard(a):
           f"features {m['feature_shape']} {m['dtype']} -> {a.out_dir}/{a.split}.manifest.json")
 
 
+def _shard_images(a):
+    from shards.images import shard_images
+
+    m = shard_images(a.captions_json, a.image_dir, a.split, a.out_dir, images_per_shard=a.images_per_shard,
+                     seed=a.seed, shuffle=not a.no_shuffle, force=a.force)
+    print(f"wrote {len(m['shards'])} shard(s): {m['num_images']} images, {m['num_captions']} captions "
+          f"-> {a.out_dir}/{a.split}.manifest.json")
+
+
 def _eval(a):
     from itr.eval.job import run_eval
 
@@ -76,6 +85,16 @@ def parser():
     sp.add_argument("--no-shuffle", action="store_true", help="keep the source image order")
     sp.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
     sp.set_defaults(fn=_shard)
+    si = ssub.add_parser("images", help="captions JSON (Karpathy or COCO) + image folder -> shards of JPEG bytes")
+    si.add_argument("captions_json")
+    si.add_argument("image_dir")
+    si.add_argument("split", help="Karpathy split field (train, val, test, restval; join with +)")
+    si.add_argument("out_dir")
+    si.add_argument("--images-per-shard", type=int, default=1000)
+    si.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
+    si.add_argument("--no-shuffle", action="store_true", help="keep the file's image order")
+    si.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+    si.set_defaults(fn=_shard_images)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (R@1/5/10, medr, meanr, rsum)")
     e.add_argument("checkpoint", help="DIR/best, DIR/last or a run directory")

@@ -47,6 +47,7 @@ class DataConfig:
     shuffle_buffer: int = param(5000, "caption-pair shuffle buffer (per worker)")
     verify: str = param("checksum", "shard check before training: checksum (sha256, cached), size, none")
     max_words: int = param(0, "truncate captions to this many tokens (0: no limit)")
+    image_size: int = param(224, "raw-image shards: crop size (train: random resized crop + flip; eval: resize, center crop)")
 
 
 @dataclass

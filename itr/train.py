@@ -201,10 +201,10 @@ def _train(recipe, out_dir, stop):
 
     # ---- data, tokenizer, model, optimizer
     manifest = ensure_shards(recipe.data, recipe.data.train_split, main, acc.wait_for_everyone, progress=main)
-    dev = load_split(data_root(recipe), recipe.data.dev_split)
+    dev = load_split(data_root(recipe), recipe.data.dev_split, recipe.data.image_size)
     vocab = resume / ckpt.VOCAB if resume and (resume / ckpt.VOCAB).is_file() else None
     tokenizer = make_tokenizer(recipe, captions=None if vocab else split_captions(manifest), vocab_file=vocab)
-    img_dim = manifest["feature_shape"][-1]
+    img_dim = manifest["feature_shape"][-1] if manifest.get("kind", "features") == "features" else 0  # 0: raw images
     model = build_model(recipe, img_dim, tokenizer)
     if deepspeed and t.mixed_precision != "no":
         # One dtype for every parameter before the engine sees them: transformers already loads the
@@ -218,7 +218,7 @@ def _train(recipe, out_dir, stop):
     if precision.scaler is not None:
         acc.register_for_checkpointing(precision.scaler)  # the fp16 loss scale resumes too
     loader = TrainLoader(manifest, tokenizer, rank_batch, world, rank, t.seed, recipe.data.num_workers,
-                         recipe.data.shuffle_buffer)
+                         recipe.data.shuffle_buffer, recipe.data.image_size)
 
     state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
              "run_id": None, "skipped_steps": 0, "best_dev": None, "pending_eval": False,
@@ -375,6 +375,6 @@ def final_test(recipe, out, device, rank, world):
             print(f"[itr] no {recipe.data.test_split!r} split in {root}: skipping the test evaluation", flush=True)
         return None
     model, tokenizer, _, _ = ckpt.load_for_eval(out / "best", device)
-    split = load_split(root, recipe.data.test_split)
+    split = load_split(root, recipe.data.test_split, recipe.data.image_size)
     metrics, _ = evaluate_model(model, split, tokenizer, recipe.eval, device, rank, world)
     return metrics

@@ -2,37 +2,15 @@
 
     itr shard precomp DATA_DIR SPLIT OUT_DIR [--dtype float16] [--images-per-shard 1000]
 
-Images are written in a seeded random order (recorded in the manifest), so each
-shard is a random sample of the split and shard-level shuffling mixes well.
-Tars are byte-reproducible (fixed mtime, fixed order): same input, same checksums.
+One sample per image: ``feat.npy`` (R x D, float16 by default), ``boxes.npy`` when the split
+has ``{split}_boxes.npy``, and ``json`` (image index, caption indices, captions, id).
 """
-import io
-import json
-import os
-import shutil
-import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from itr.data.manifest import FORMAT, captions_path, manifest_path, sha256_file, shard_name
-from itr.data.precomp import CAPS_PER_IMAGE, DataError, open_precomp
-
-
-def _npy_bytes(a):
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    info.uname = info.gname = "itr"
-    tar.addfile(info, io.BytesIO(data))
+from itr.data.precomp import DataError, open_precomp
+from shards.writer import npy_bytes, write_split
 
 
 def shard_precomp(data_dir, split, out_dir, dtype="float16", images_per_shard=1000, seed=0,
@@ -40,90 +18,30 @@ def shard_precomp(data_dir, split, out_dir, dtype="float16", images_per_shard=10
     """Write ``OUT_DIR/{split}-NNNNNN.tar`` and ``OUT_DIR/{split}.manifest.json``; return the manifest."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
-    if images_per_shard < 1:
-        raise ValueError("images_per_shard must be >= 1")
     src = open_precomp(data_dir, split)  # validates files, shapes and the caption count
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mpath = manifest_path(out, split)
-    if mpath.exists() and not force:
-        raise DataError(f"{mpath} already exists; pass --force to rebuild split {split!r}")
 
-    n = src.num_images
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    tmp = out / f".tmp-{split}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    shards = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def members(i):
+        feat = np.asarray(src.images[i], dtype=dtype)
+        if not np.isfinite(feat).all():
+            raise DataError(f"{src.files['ims']}: image {i} has non-finite features"
+                            + (" after the cast to float16 (values beyond 65504?)" if dtype == "float16" else ""))
+        out = {"feat.npy": npy_bytes(feat)}
+        if src.boxes is not None:
+            out["boxes.npy"] = npy_bytes(np.asarray(src.boxes[i], dtype=np.float32))
+        return out
 
-        bar = tqdm(total=n, desc=f"shard {split}", unit="img")
-    try:
-        for si, start in enumerate(range(0, n, images_per_shard)):
-            idx = order[start:start + images_per_shard]
-            name = shard_name(split, si)
-            with tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in idx:
-                    i = int(i)
-                    feat = np.asarray(src.images[i], dtype=dtype)
-                    if not np.isfinite(feat).all():
-                        raise DataError(f"{src.files['ims']}: image {i} has non-finite features"
-                                        + (" after the cast to float16 (values beyond 65504?)" if dtype == "float16" else ""))
-                    caps = list(range(CAPS_PER_IMAGE * i, CAPS_PER_IMAGE * (i + 1)))
-                    meta = {
-                        "image_index": i,
-                        "caption_indices": caps,
-                        "captions": [src.captions[c] for c in caps],
-                        "id": src.ids[i] if src.ids else str(i),
-                    }
-                    key = f"{i:09d}"
-                    _add(tar, f"{key}.feat.npy", _npy_bytes(feat))
-                    _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-                    if bar:
-                        bar.update(1)
-            shards.append({
-                "name": name,
-                "num_images": len(idx),
-                "num_captions": CAPS_PER_IMAGE * len(idx),
-                "bytes": (tmp / name).stat().st_size,
-                "sha256": sha256_file(tmp / name),
-            })
-        captions_path(tmp, split).write_text("\n".join(src.captions) + "\n", encoding="utf-8")
-        manifest = {
-            "format": FORMAT,
-            "split": split,
-            "num_images": n,
-            "num_captions": len(src.captions),
-            "captions_per_image": CAPS_PER_IMAGE,
-            "feature_shape": list(src.images.shape[1:]),
-            "dtype": dtype,
-            "order": {"shuffled": bool(shuffle), "seed": seed},
-            "captions_file": captions_path(out, split).name,
-            "source": {
-                "layout": "precomp",
-                "dir": str(Path(data_dir).resolve()),
-                "files": {role: {"name": p.name, "bytes": p.stat().st_size} for role, p in src.files.items()},
-                "dtype": str(src.images.dtype),
-            },
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "shards": shards,
-        }
-        # Move shards into place first, the manifest last: it marks the split complete.
-        if mpath.exists():
-            mpath.unlink()
-        for old in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            old.unlink()
-        for s in shards:
-            os.replace(tmp / s["name"], out / s["name"])
-        os.replace(captions_path(tmp, split), captions_path(out, split))
-        (out / f".{split}.verified.json").unlink(missing_ok=True)
-        tmp_m = tmp / mpath.name
-        tmp_m.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp_m, mpath)
-    finally:
-        if bar:
-            bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    info = {
+        "kind": "features",
+        "feature_shape": list(src.images.shape[1:]),
+        "dtype": dtype,
+        "boxes": src.boxes is not None,
+        "source": {
+            "layout": "precomp",
+            "dir": str(Path(data_dir).resolve()),
+            "files": {role: {"name": p.name, "bytes": p.stat().st_size} for role, p in src.files.items()},
+            "dtype": str(src.images.dtype),
+        },
+    }
+    return write_split(out_dir, split, src.num_images, members, src.captions, src.ids, info,
+                       images_per_shard=images_per_shard, seed=seed, shuffle=shuffle, force=force,
+                       progress=progress)

@@ -23,14 +23,18 @@ def _text(tok, caps):
     return collate_tokens([tok.encode(c) for c in caps], tok.pad_id)
 
 
+def _tb(ids, lens):
+    return {"text_ids": ids, "text_lens": lens}
+
+
 @pytest.mark.parametrize("bi", [False, True])
 def test_vsepp_gru_shapes_norms_and_padding_invariance(bi):
     model, tok = _model(f"model.text.bidirectional={bi}")
-    img = model.embed_images(torch.randn(3, 5, 12))
+    img = model.embed_images({"feats": torch.randn(3, 5, 12)})
     assert img.shape == (3, 16) and torch.allclose(img.norm(dim=1), torch.ones(3), atol=1e-5)
     ids, lens = _text(tok, ["a dog", "a photo of a blue car and a tree"])
-    cap = model.embed_captions(ids, lens)
-    alone = model.embed_captions(*_text(tok, ["a dog"]))
+    cap = model.embed_captions({"text_ids": ids, "text_lens": lens})
+    alone = model.embed_captions(_tb(*_text(tok, ["a dog"])))
     assert cap.shape == (2, 16) and torch.allclose(cap[0], alone[0], atol=1e-6)  # padding does not leak in
     assert model.score(img, cap).shape == (3, 2)
 
@@ -39,7 +43,7 @@ def test_max_pooling_and_unnormalized_image_option():
     model, _ = _model("model.image.pool=max", "model.image.norm=false")
     feats = torch.randn(2, 4, 12)
     x = model.img_enc.fc(feats).max(1).values
-    assert torch.allclose(model.embed_images(feats), x)
+    assert torch.allclose(model.embed_images({"feats": feats}), x)
 
 
 def test_a_few_steps_reduce_the_loss():
@@ -63,9 +67,9 @@ def test_hf_text_encoder_from_a_local_directory(tiny_bert):
     model, tok = _model(f"model.text={{name: hf, path: {tiny_bert}, pool: mean}}")
     ids, lens = _text(tok, ["a red dog", "a photo of a blue car and a tree"])
     assert ids[0, 0].item() == tok.tok.cls_token_id
-    cap = model.embed_captions(ids, lens)
+    cap = model.embed_captions({"text_ids": ids, "text_lens": lens})
     assert cap.shape == (2, 16)
-    alone = model.embed_captions(*_text(tok, ["a red dog"]))
+    alone = model.embed_captions(_tb(*_text(tok, ["a red dog"])))
     assert torch.allclose(cap[0], alone[0], atol=1e-5)  # attention mask hides the padding
     assert len(model.pretrained_parameters()) > 0
 
@@ -126,7 +130,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_bert):
         model.train()
         ids, lens = _text(tok, CAPS[:4])
         torch.manual_seed(1)  # the same dropout masks (checkpointing replays the RNG)
-        model.embed_captions(ids, lens).sum().backward()
+        model.embed_captions({"text_ids": ids, "text_lens": lens}).sum().backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
         assert model.txt_enc.backbone.is_gradient_checkpointing == ckpt
     assert grads[0].keys() == grads[1].keys()

@@ -131,3 +131,29 @@ def test_unknown_data_dir_layout(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="neither"):
         load_split(tmp_path / "empty", "test")
+
+
+def test_boxes_travel_through_shards_and_the_loader(tmp_path, tiny_data):
+    from itr.data.loader import TrainLoader
+    from itr.data.text import WordVocab
+
+    src = open_precomp(tiny_data, "train")
+    assert src.boxes is not None and src.boxes.shape == (160, 8, 4)
+    m = shard_precomp(tiny_data, "train", tmp_path / "s", images_per_shard=40, progress=False)
+    assert m["boxes"] is True
+    back = read_shard_split(tmp_path / "s", "train")
+    np.testing.assert_array_equal(back.boxes, src.boxes)
+    m = load_manifest(tmp_path / "s", "train")
+    batch = next(iter(TrainLoader(m, WordVocab.build(src.captions), 8, num_workers=0).epoch(0)))
+    assert batch["boxes"].shape == (8, 8, 4)
+    for img, boxes in zip(batch["img_ids"], batch["boxes"]):
+        np.testing.assert_array_equal(boxes.numpy(), src.boxes[int(img)])
+    inputs = back.image_inputs(3, 5)
+    assert set(inputs) == {"feats", "boxes"} and inputs["boxes"].shape == (2, 8, 4)
+
+
+def test_boxes_of_the_wrong_shape_name_the_file(tmp_path):
+    _write_precomp(tmp_path, n=4, regions=3)
+    np.save(tmp_path / "train_boxes.npy", np.zeros((4, 2, 4), np.float32))
+    with pytest.raises(DataError, match="train_boxes.npy"):
+        open_precomp(tmp_path, "train")

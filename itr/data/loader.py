@@ -58,33 +58,58 @@ def batches_per_epoch(manifest, epoch, seed, world, rank_batch):
     return pairs // rank_batch
 
 
-class PairStream(IterableDataset):
-    """Yields chunks of shuffled (features, caption tokens, image index, caption index) pairs."""
+def image_key(manifest):
+    """The batch key of the image side: ``feats`` (features) or ``pixels`` (raw images)."""
+    return "pixels" if manifest.get("kind") == "images" else "feats"
 
-    def __init__(self, manifest, units, tokenizer, seed, epoch, rank, shuffle_buffer=5000, chunk=32):
+
+class PairStream(IterableDataset):
+    """Yields chunks of shuffled (image, caption tokens, image index, caption index) pairs.
+
+    The image is its feature array, or for image shards the decoded JPEG after a random
+    resized crop and flip (uint8, 3 x image_size x image_size), drawn per image and epoch.
+    """
+
+    def __init__(self, manifest, units, tokenizer, seed, epoch, rank, shuffle_buffer=5000, chunk=32,
+                 image_size=224):
         self.paths = shard_paths(manifest)
-        self.manifest = {k: manifest[k] for k in ("feature_shape", "captions_per_image") if k in manifest}
+        self.manifest = {k: manifest.get(k) for k in ("feature_shape", "captions_per_image", "kind")}
         self.units = list(units)
         self.tokenizer = tokenizer
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.shuffle_buffer = shuffle_buffer
         self.chunk = chunk
+        self.image_size = image_size
+        self.key = image_key(manifest)
 
-    def _images(self, unit):
+    def _decode(self, sample, path, aug):
+        if self.key == "pixels":
+            from itr.data.images import decode, train_transform
+
+            data = sample.get("jpg") or sample.get("png")
+            if data is None:
+                raise DataError(f"shard {path}: sample {sample['__key__']} has no jpg/png image")
+            return train_transform(decode(data), aug, self.image_size)
+        feat = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+        want = tuple(self.manifest["feature_shape"])
+        if feat.shape != want:
+            raise DataError(f"shard {path}: sample {sample['__key__']} has features {feat.shape}, manifest says {want}")
+        return feat
+
+    def _images(self, unit, aug=None):
         import webdataset as wds
 
         s, part, parts = unit
         path = self.paths[s]
-        want = tuple(self.manifest["feature_shape"])
         k = -1
         try:
             for k, sample in enumerate(wds.tarfile_samples([{"url": path}])):
                 if k % parts != part:
                     continue  # another rank's share of this shard: skip before decoding
                 meta = json.loads(sample["json"])
-                feat = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
-                if feat.shape != want:
-                    raise DataError(f"shard {path}: sample {sample['__key__']} has features {feat.shape}, manifest says {want}")
+                feat = self._decode(sample, path, aug)
+                if "boxes.npy" in sample:
+                    meta["boxes"] = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
                 yield feat, meta
         except DataError:
             raise
@@ -92,25 +117,27 @@ class PairStream(IterableDataset):
             raise DataError(f"shard {path} is unreadable near sample {k + 1} ({type(e).__name__}: {e}); "
                             f"rebuild it with `itr shard`") from e
 
-    def _pairs(self, units):
+    def _pairs(self, units, aug):
         for unit in units:
-            for feat, meta in self._images(unit):
+            for feat, meta in self._images(unit, aug):
+                extra = {"boxes": meta["boxes"]} if "boxes" in meta else {}
                 for cap_idx, text in zip(meta["caption_indices"], meta["captions"]):
-                    yield feat, text, meta["image_index"], cap_idx
+                    yield feat, text, meta["image_index"], cap_idx, extra
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
-        stream = _shuffled(self._pairs(self.units[wid::nw]), self.shuffle_buffer, rng)
+        aug = random.Random(f"aug-{self.seed}-{self.epoch}-{self.rank}-{wid}")
+        stream = _shuffled(self._pairs(self.units[wid::nw], aug), self.shuffle_buffer, rng)
         buf = []
-        for feat, text, img, cap in stream:
-            buf.append((feat, self.tokenizer.encode(text), img, cap))
+        for feat, text, img, cap, extra in stream:
+            buf.append((feat, self.tokenizer.encode(text), img, cap, extra))
             if len(buf) == self.chunk:
-                yield _chunk(buf)
+                yield _chunk(buf, self.key)
                 buf = []
         if buf:
-            yield _chunk(buf)
+            yield _chunk(buf, self.key)
 
 
 def _shuffled(it, bufsize, rng):
@@ -126,13 +153,16 @@ def _shuffled(it, bufsize, rng):
     yield from buf
 
 
-def _chunk(items):
-    return {
-        "feats": torch.from_numpy(np.stack([it[0] for it in items])),
+def _chunk(items, key="feats"):
+    out = {
+        key: torch.from_numpy(np.stack([it[0] for it in items])),
         "tokens": [it[1] for it in items],
         "img_ids": torch.tensor([it[2] for it in items], dtype=torch.long),
         "cap_ids": torch.tensor([it[3] for it in items], dtype=torch.long),
     }
+    for key in items[0][4]:  # per-image extras: boxes
+        out[key] = torch.from_numpy(np.stack([it[4][key] for it in items]))
+    return out
 
 
 def collate_tokens(token_lists, pad_id):
@@ -145,13 +175,9 @@ def collate_tokens(token_lists, pad_id):
 
 def _merge(chunks, pad_id):
     ids, lens = collate_tokens([t for c in chunks for t in c["tokens"]], pad_id)
-    return {
-        "feats": torch.cat([c["feats"] for c in chunks]),
-        "text_ids": ids,
-        "text_lens": lens,
-        "img_ids": torch.cat([c["img_ids"] for c in chunks]),
-        "cap_ids": torch.cat([c["cap_ids"] for c in chunks]),
-    }
+    out = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0] if key != "tokens"}
+    out.update(text_ids=ids, text_lens=lens)
+    return out
 
 
 def _split_chunk(c, k):
@@ -172,6 +198,7 @@ class TrainLoader:
     seed: int = 0
     num_workers: int = 2
     shuffle_buffer: int = 5000
+    image_size: int = 224
 
     def num_batches(self, epoch):
         return batches_per_epoch(self.manifest, epoch, self.seed, self.world, self.rank_batch)
@@ -186,7 +213,7 @@ class TrainLoader:
             )
         units = plan_epoch(self.manifest, epoch, self.seed, self.world)[self.rank]
         ds = PairStream(self.manifest, units, self.tokenizer, self.seed, epoch, self.rank,
-                        shuffle_buffer=self.shuffle_buffer, chunk=min(32, self.rank_batch))
+                        shuffle_buffer=self.shuffle_buffer, chunk=min(32, self.rank_batch), image_size=self.image_size)
         workers = min(self.num_workers, len(units))
         dl = DataLoader(ds, batch_size=None, num_workers=workers,
                         prefetch_factor=4 if workers else None, persistent_workers=False)

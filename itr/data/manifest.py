@@ -1,7 +1,7 @@
 """Shard directories: ``{split}-000000.tar`` ... plus ``{split}.manifest.json``.
 
-One WebDataset sample per image: ``feat.npy`` (R x D features) and ``json``
-(``image_index``, ``caption_indices``, ``captions``, ``id``). The manifest is
+One WebDataset sample per image: ``feat.npy`` (R x D features), optionally ``boxes.npy``
+(R x 4, normalized), and ``json`` (``image_index``, ``caption_indices``, ``captions``, ``id``). The manifest is
 written last, so its presence means the split is complete. It records counts,
 feature shape and dtype, and each shard's size and sha256 so that a truncated or
 corrupted shard is caught before training starts, naming the file.

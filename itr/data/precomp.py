@@ -1,4 +1,5 @@
-"""The SCAN "precomp" layout: ``{split}_ims.npy`` + ``{split}_caps.txt`` (+ ``{split}_ids.txt``).
+"""The SCAN "precomp" layout: ``{split}_ims.npy`` + ``{split}_caps.txt`` (+ ``{split}_ids.txt``,
++ ``{split}_boxes.npy``: region boxes normalized to [0, 1], for models that use positions).
 
 Caption ``j`` belongs to image ``j // 5`` (SCAN, VSE-infinity, HREM, DIME all use this rule).
 Checks happen here, at open time, so a bad split fails in seconds, not after an epoch.
@@ -19,14 +20,28 @@ from itr.errors import DataError  # noqa: F401  (re-exported)
 
 @dataclass
 class PrecompSplit:
-    images: np.ndarray  # (N, R, D), memory-mapped where possible
+    images: np.ndarray  # (N, R, D) features, memory-mapped where possible; or (N, 3, S, S) uint8 pixels
     captions: List[str]  # 5N, caption j of image j // 5
     ids: Optional[List[str]]
     files: dict  # role -> Path
+    boxes: Optional[np.ndarray] = None  # (N, R, 4) region boxes x1, y1, x2, y2 in [0, 1] of the image size
+    image_key: str = "feats"  # "feats" (features) or "pixels" (raw images)
 
     @property
     def num_images(self):
         return self.images.shape[0]
+
+    def image_inputs(self, lo, hi):
+        """The image side of a model's batch for images [lo, hi), as tensors."""
+        import torch
+
+        if self.image_key == "pixels":
+            out = {"pixels": torch.from_numpy(np.array(self.images[lo:hi]))}
+        else:
+            out = {"feats": torch.from_numpy(np.array(self.images[lo:hi], dtype=np.float32))}
+        if self.boxes is not None:
+            out["boxes"] = torch.from_numpy(np.array(self.boxes[lo:hi], dtype=np.float32))
+        return out
 
 
 def split_files(root, split):
@@ -35,6 +50,7 @@ def split_files(root, split):
         "ims": root / f"{split}_ims.npy",
         "caps": root / f"{split}_caps.txt",
         "ids": root / f"{split}_ids.txt",
+        "boxes": root / f"{split}_boxes.npy",
     }
 
 
@@ -90,4 +106,14 @@ def open_precomp(root, split, mmap=True) -> PrecompSplit:
         ids = [line.strip() for line in f["ids"].read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(ids) != n:
             raise DataError(f"{f['ids']}: {len(ids)} ids for {n} images in {f['ims'].name}")
-    return PrecompSplit(images=ims, captions=caps, ids=ids, files={k: v for k, v in f.items() if v.is_file()})
+    boxes = None
+    if f["boxes"].is_file():
+        try:
+            boxes = np.load(f["boxes"], mmap_mode="r" if mmap else None)
+        except Exception as e:
+            raise DataError(f"{f['boxes']}: cannot read as .npy ({e})") from None
+        if boxes.shape != (n, ims.shape[1], 4):
+            raise DataError(f"{f['boxes']}: shape {boxes.shape}, expected {(n, ims.shape[1], 4)} "
+                            f"(one x1, y1, x2, y2 box in [0, 1] per region of {f['ims'].name})")
+    return PrecompSplit(images=ims, captions=caps, ids=ids, files={k: v for k, v in f.items() if v.is_file()},
+                        boxes=boxes)

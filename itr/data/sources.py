@@ -75,14 +75,22 @@ def split_captions(manifest):
     return caps
 
 
-def read_shard_split(root, split, verify="size") -> PrecompSplit:
-    """Load a whole sharded split into memory, ordered by image index (for evaluation)."""
+def read_shard_split(root, split, verify="size", image_size=224) -> PrecompSplit:
+    """Load a whole sharded split into memory, ordered by image index (for evaluation).
+    Image shards are decoded with the evaluation transform (resize, center crop)."""
     import webdataset as wds
 
     m = mf.load_manifest(root, split)
     mf.verify_shards(m, verify)
     n = m["num_images"]
-    feats = np.zeros((n, *m["feature_shape"]), dtype=m["dtype"])
+    pixels = m.get("kind") == "images"
+    if pixels:
+        from itr.data.images import decode, eval_transform
+
+        feats = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
+    else:
+        feats = np.zeros((n, *m["feature_shape"]), dtype=m["dtype"])
+    boxes = np.zeros((n, m["feature_shape"][0], 4), dtype=np.float32) if m.get("boxes") else None
     caps = [None] * m["num_captions"]
     ids = [None] * n
     seen = np.zeros(n, dtype=bool)
@@ -91,7 +99,12 @@ def read_shard_split(root, split, verify="size") -> PrecompSplit:
             for sample in wds.tarfile_samples([{"url": path}]):
                 meta = json.loads(sample["json"])
                 i = meta["image_index"]
-                feats[i] = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+                if pixels:
+                    feats[i] = eval_transform(decode(sample.get("jpg") or sample["png"]), image_size)
+                else:
+                    feats[i] = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+                if boxes is not None:
+                    boxes[i] = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
                 for c, t in zip(meta["caption_indices"], meta["captions"]):
                     caps[c] = t
                 ids[i] = meta.get("id")
@@ -104,10 +117,13 @@ def read_shard_split(root, split, verify="size") -> PrecompSplit:
         raise DataError(f"{m['path']}: some captions are missing from the shards")
     if len(caps) != CAPS_PER_IMAGE * n:
         raise DataError(f"{m['path']}: {len(caps)} captions for {n} images; expected {CAPS_PER_IMAGE} per image")
-    return PrecompSplit(images=feats, captions=caps, ids=ids, files={"manifest": Path(m["path"])})
+    return PrecompSplit(images=feats, captions=caps, ids=ids, files={"manifest": Path(m["path"])}, boxes=boxes,
+                        image_key="pixels" if pixels else "feats")
 
 
-def load_split(root, split) -> PrecompSplit:
+def load_split(root, split, image_size=224) -> PrecompSplit:
     """An evaluation split from a precomp directory or a shard directory."""
     root = Path(root)
-    return read_shard_split(root, split) if data_kind(root, split) == "shards" else open_precomp(root, split)
+    if data_kind(root, split) == "shards":
+        return read_shard_split(root, split, image_size=image_size)
+    return open_precomp(root, split)

@@ -2,7 +2,6 @@
 
 Captions are batched in length order (less padding) and returned in caption order.
 """
-import numpy as np
 import torch
 
 from itr.data.loader import collate_tokens
@@ -24,14 +23,14 @@ def _local_batches(n, rank, world, batch_size):
 
 
 @torch.no_grad()
-def embed_images(model, images, batch_size=256, device="cpu", rank=0, world=1, progress=False):
-    n = images.shape[0]
+def embed_images(model, split, batch_size=256, device="cpu", rank=0, world=1, progress=False):
+    n = split.num_images
     slices, count = _local_batches(n, rank, world, batch_size)
     outs = []
     with _progress(count, "embed images", progress) as bar:
         for a, b in slices:
-            rows = images[a:b] if b > a else images[:1]  # an empty slice still runs one forward
-            emb = model.embed_images(torch.from_numpy(np.array(rows, dtype=np.float32)).to(device)).float()
+            inputs = split.image_inputs(a, b) if b > a else split.image_inputs(0, 1)  # empty slices still run
+            emb = model.embed_images({k: v.to(device) for k, v in inputs.items()}).float()
             outs.append(emb[: b - a])
             bar.update(b - a)
     return gather_rows(torch.cat(outs), n, world).cpu()
@@ -49,7 +48,7 @@ def embed_captions(model, captions, tokenizer, batch_size=256, device="cpu", ran
         for a, b in slices:
             idx = order[a - lo:b - lo] or [0]
             ids, lens = collate_tokens([tokens[i] for i in idx], tokenizer.pad_id)
-            emb = model.embed_captions(ids.to(device), lens.to(device)).float()
+            emb = model.embed_captions({"text_ids": ids.to(device), "text_lens": lens.to(device)}).float()
             if out is None:
                 out = torch.empty((count, *emb.shape[1:]), device=device)
             if b > a:
@@ -62,7 +61,7 @@ def embed_split(model, split, tokenizer, batch_size=256, device="cpu", rank=0, w
     was_training = model.training
     model.eval()
     try:
-        img = embed_images(model, split.images, batch_size, device, rank, world, progress)
+        img = embed_images(model, split, batch_size, device, rank, world, progress)
         cap = embed_captions(model, split.captions, tokenizer, batch_size, device, rank, world, progress)
     finally:
         model.train(was_training)

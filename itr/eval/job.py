@@ -37,8 +37,8 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
         recipe.eval.chunk_size = chunk_size
     if batch_size:
         recipe.eval.batch_size = batch_size
-    data_split = load_split(data, split)
-    if data_split.images.shape[-1] != meta["img_dim"]:
+    data_split = load_split(data, split, recipe.data.image_size)
+    if data_split.image_key == "feats" and data_split.images.shape[-1] != meta["img_dim"]:
         from itr.errors import DataError
 
         raise DataError(f"{data} split {split!r} has {data_split.images.shape[-1]}-d features; "

@@ -4,7 +4,8 @@ A model is two things:
 
 - encoders: ``embed(batch)`` -> training-time embeddings of a micro-batch (``img``, ``cap``, and
   optionally ``aux_loss``, a per-micro-batch term such as VSRN's caption generation loss);
-  ``embed_images`` / ``embed_captions`` / ``score`` for evaluation;
+  ``embed_images(batch)`` (keys ``feats`` or ``pixels``, and ``boxes`` where the data has them) /
+  ``embed_captions(batch)`` (keys ``text_ids``, ``text_lens``) / ``score`` for evaluation;
 - a batch loss: ``batch_loss(emb, img_ids, epoch)``, the loss of this rank's queries against
   the global batch (gathered by the criterion), including any learnable batch-level module
   (HREM's instance interaction, SelfAlign's prototypes). Default: ``self.criterion``.
@@ -33,12 +34,12 @@ class MatchingModel(nn.Module):
 
     # -- to implement
     def embed(self, batch):
-        return {"img": self.embed_images(batch["feats"]), "cap": self.embed_captions(batch["text_ids"], batch["text_lens"])}
+        return {"img": self.embed_images(batch), "cap": self.embed_captions(batch)}
 
-    def embed_images(self, feats):
+    def embed_images(self, batch):
         raise NotImplementedError
 
-    def embed_captions(self, ids, lens):
+    def embed_captions(self, batch):
         raise NotImplementedError
 
     @staticmethod

@@ -29,8 +29,8 @@ class VSEPP(MatchingModel):
         entry, tcfg = text_entry(cfg.text)
         self.txt_enc = entry.build(tcfg, len(tokenizer), cfg.embed_dim)
 
-    def embed_images(self, feats):
-        return self.img_enc(feats)
+    def embed_images(self, batch):
+        return self.img_enc(batch["feats"])
 
-    def embed_captions(self, ids, lens):
-        return self.txt_enc(ids, lens)
+    def embed_captions(self, batch):
+        return self.txt_enc(batch["text_ids"], batch["text_lens"])
