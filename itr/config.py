@@ -73,8 +73,11 @@ class OptimConfig:
     name: str = param("adam", "adam or adamw")
     lr: float = param(2e-4, "base learning rate")
     weight_decay: float = param(0.0, "weight decay")
-    lr_update: int = param(15, "multiply the lr by lr_decay every lr_update epochs (VSE++ step schedule)")
-    lr_decay: float = param(0.1, "step-decay factor")
+    schedule: str = param("step", "step (x lr_decay every lr_update epochs, VSE++), linear or cosine (to 0 over training)")
+    lr_update: int = param(15, "step schedule: multiply the lr by lr_decay every lr_update epochs")
+    lr_decay: float = param(0.1, "step schedule: decay factor")
+    warmup_steps: int = param(0, "linear warm-up over this many optimizer steps (TGDT: 1000)")
+    warmup_ratio: float = param(0.0, "or over this fraction of all optimizer steps (xmatching: 0.05)")
     text_lr_mult: float = param(1.0, "lr multiplier of a pretrained (transformers) text encoder, e.g. 0.1")
     impl: str = param("auto", "auto (apex fused if it imports, else torch fused/foreach), apex, fused, foreach, plain")
 
@@ -303,6 +306,7 @@ def _check_values(r: Recipe):
     choice("data.verify", r.data.verify, ("checksum", "size", "none"))
     choice("optim.name", r.optim.name, ("adam", "adamw"))
     choice("optim.impl", r.optim.impl, ("auto", "apex", "fused", "foreach", "plain"))
+    choice("optim.schedule", r.optim.schedule, ("step", "linear", "cosine"))
     choice("eval.protocol", r.eval.protocol, ("1k", "coco-5fold", "5k"))
     choice("eval.best_metric", r.eval.best_metric,
            ("rsum", "i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10"))  # higher is better

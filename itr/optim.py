@@ -5,6 +5,8 @@ Implementation choice (``optim.impl``, reported in the log and in MLflow as
 else torch's ``fused=True`` Adam/AdamW, else ``foreach``. The PyPI package called
 ``apex`` is an unrelated web library: only ``apex.optimizers.FusedAdam`` counts.
 """
+import math
+
 import torch
 
 
@@ -58,13 +60,27 @@ def make_optimizer(model, cfg):
     return opt, f"torch.optim.{cls.__name__}({', '.join(f'{k}=True' for k, v in kw.items() if v) or 'foreach=False'})"
 
 
-def lr_factor(cfg, epoch):
-    """VSE++ step decay: x lr_decay every lr_update epochs."""
-    return cfg.lr_decay ** (epoch // cfg.lr_update) if cfg.lr_update > 0 else 1.0
+def lr_factor(cfg, epoch, step=0, total_steps=0):
+    """The learning-rate multiplier at optimizer step ``step`` (0-based) of epoch ``epoch``.
+
+    ``step``: VSE++'s step decay, x lr_decay every lr_update epochs. ``linear`` / ``cosine``:
+    decay to 0 over ``total_steps`` (BERT-style fine-tuning, xmatching). Any schedule can start
+    with a linear warm-up over ``warmup_steps`` optimizer steps (or ``warmup_ratio`` of all steps).
+    """
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "step":
+        return cfg.lr_decay ** (epoch // cfg.lr_update) if cfg.lr_update > 0 else 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def set_lr(optimizer, cfg, epoch):
-    f = lr_factor(cfg, epoch)
+def set_lr(optimizer, cfg, epoch, step=0, total_steps=0):
+    f = lr_factor(cfg, epoch, step, total_steps)
     for g in optimizer.param_groups:
         g["lr"] = cfg.lr * g.get("lr_mult", 1.0) * f
     return cfg.lr * f

@@ -277,13 +277,15 @@ def _train(recipe, out_dir, stop):
         end_of_epoch(state["epoch"])
     model.train()
     last_log, last_log_step = time.perf_counter(), state["global_step"]
+    epoch_steps = [loader.num_batches(e) // t.grad_accum for e in range(t.epochs)]
+    total_steps = sum(epoch_steps)
     for epoch in range(state["epoch"], t.epochs):
-        lr = set_lr(optimizer, recipe.optim, epoch)
-        steps = loader.num_batches(epoch) // t.grad_accum
+        steps = epoch_steps[epoch]
         first = state["micro_in_epoch"] // t.grad_accum
         batches = loader.epoch(epoch, skip=state["micro_in_epoch"])
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not main, unit="step")
         for _ in range(first, steps):
+            lr = set_lr(optimizer, recipe.optim, epoch, state["global_step"], total_steps)
             micro_batches = [_to(next(batches), device) for _ in range(t.grad_accum)]
             loss_sum = train_step(model, micro_batches, epoch, acc, precision, world).float()
             precision.unscale_(optimizer)

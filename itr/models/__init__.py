@@ -3,11 +3,18 @@
 Every model is an ``itr.models.base.MatchingModel``: ``embed`` + ``batch_loss`` for training
 (joined by ``forward``), ``embed_images`` / ``embed_captions`` / ``score`` for evaluation.
 """
+import importlib
+import pkgutil
+
 from itr.config import build_section
 from itr.modules import encoders as _encoders  # noqa: F401  (registers encoders)
 from itr.modules import losses as _losses  # noqa: F401  (registers losses)
-from itr.models import vsepp  # noqa: F401
 from itr.registry import MODELS
+
+# One file per model: importing each module of this package registers its model.
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 
 def model_config(recipe):
