@@ -45,6 +45,29 @@ def make_accelerator(grad_accum=1, deepspeed_config=None, cpu=None):
     return acc
 
 
+def init_job():
+    """(rank, world, device) for a plain torch.distributed job (the evaluation job): joins the process
+    group when started by a launcher (WORLD_SIZE > 1), with NCCL on GPUs and gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and dist.get_world_size() != world:
+        raise LaunchError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def finish_job():
+    """Wait for every rank, then leave the process group (a rank that exits while gloo's threads run aborts)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def deepspeed_config_path(recipe_value):
     """The DeepSpeed JSON to use: the recipe's ``train.deepspeed``, else the one `accelerate launch` was given."""
     if recipe_value:
@@ -109,23 +132,6 @@ def check_world_size(accelerator, expected=0):
         raise LaunchError(f"train.world_size={expected} but {got} process(es) were started "
                           f"(note: `accelerate launch --cpu --num_processes N` starts only one)")
     return got
-
-
-def shard_range(n, rank, world):
-    """Contiguous slice [lo, hi) of n items for ``rank`` (sizes differ by at most one)."""
-    lo = n * rank // world
-    return lo, n * (rank + 1) // world
-
-
-def gather_rows(x, n_total, world):
-    """Concatenate each rank's contiguous ``shard_range`` rows of a (rows, ...) tensor, on every rank."""
-    if world == 1:
-        return x
-    size = -(-n_total // world)
-    pad = torch.zeros((size - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    parts = [torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device) for _ in range(world)]
-    dist.all_gather(parts, torch.cat([x, pad]).contiguous())
-    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, (shard_range(n_total, r, world) for r in range(world)))])
 
 
 def all_reduce_sum(x):

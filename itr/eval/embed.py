@@ -1,60 +1,85 @@
-"""Embed a split: every rank embeds a contiguous slice of the images and captions, then all gather.
+"""Embed a split across ranks.
 
-Captions are batched in length order (less padding) and returned in caption order.
+Items are cut into a fixed grid of batches (captions sorted by token length first, for less
+padding) and the batches are dealt round robin to the ranks, then all-gathered back into item
+order. The grid does not depend on the number of ranks, so every embedding comes from the same
+batch, and is bitwise the same, on 1 or N ranks. Every rank runs the same number of forward
+passes (ZeRO-3 gathers parameters in each of them).
 """
 import torch
+import torch.distributed as dist
 
 from itr.data.loader import collate_tokens
-from itr.distributed import gather_rows, shard_range
 
 
 def _progress(total, desc, enabled):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="item", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False)
 
 
-def _local_batches(n, rank, world, batch_size):
-    """This rank's [lo, hi) slices of n items, padded with empty slices so that every rank
-    runs the same number of forward passes (ZeRO-3 gathers parameters in each of them)."""
-    lo, hi = shard_range(n, rank, world)
-    steps = -(-(-(-n // world)) // batch_size)  # ceil(ceil(n / world) / batch_size)
-    return [(min(hi, lo + i * batch_size), min(hi, lo + (i + 1) * batch_size)) for i in range(steps)], hi - lo
+def _dealt(n, batch_size, rank, world):
+    """(all batches as [lo, hi) of the grid, this rank's batch indices, forward passes per rank)."""
+    grid = [(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
+    return grid, list(range(rank, len(grid), world)), -(-len(grid) // world)
+
+
+def _run(embed_one, n, batch_size, rank, world, desc, progress):
+    """Embed grid batches ``embed_one(lo, hi)`` dealt to this rank; return all n rows on every rank."""
+    grid, mine, calls = _dealt(n, batch_size, rank, world)
+    outs = []
+    with _progress(calls, desc, progress) as bar:
+        for t in range(calls):
+            if t < len(mine):
+                outs.append(embed_one(*grid[mine[t]]))
+            else:  # keep step with ranks that have one more batch
+                embed_one(0, 1)
+            bar.update(1)
+    local = torch.cat(outs) if outs else None
+    if world == 1:
+        return local.cpu()
+    return _all_gather_dealt(local, grid, n, rank, world, embed_one)
+
+
+def _all_gather_dealt(local, grid, n, rank, world, embed_one):
+    if local is None:  # more ranks than batches: learn the embedding shape from a dummy batch
+        local = embed_one(0, 1)[:0]
+    size = max(sum(hi - lo for lo, hi in grid[r::world]) for r in range(world))
+    buf = torch.zeros((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    buf[: local.shape[0]] = local
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        offset = 0
+        for lo, hi in grid[r::world]:
+            out[lo:hi] = part[offset:offset + hi - lo].cpu()
+            offset += hi - lo
+    return out
 
 
 @torch.no_grad()
 def embed_images(model, split, batch_size=256, device="cpu", rank=0, world=1, progress=False):
-    n = split.num_images
-    slices, count = _local_batches(n, rank, world, batch_size)
-    outs = []
-    with _progress(count, "embed images", progress) as bar:
-        for a, b in slices:
-            inputs = split.image_inputs(a, b) if b > a else split.image_inputs(0, 1)  # empty slices still run
-            emb = model.embed_images({k: v.to(device) for k, v in inputs.items()}).float()
-            outs.append(emb[: b - a])
-            bar.update(b - a)
-    return gather_rows(torch.cat(outs), n, world).cpu()
+    def one(lo, hi):
+        inputs = split.image_inputs(lo, hi)
+        return model.embed_images({k: v.to(device) for k, v in inputs.items()}).float()
+
+    return _run(one, split.num_images, batch_size, rank, world, "embed images", progress)
 
 
 @torch.no_grad()
 def embed_captions(model, captions, tokenizer, batch_size=256, device="cpu", rank=0, world=1, progress=False):
-    m = len(captions)
-    lo, _ = shard_range(m, rank, world)
-    slices, count = _local_batches(m, rank, world, batch_size)
-    tokens = [tokenizer.encode(c) for c in captions[lo:lo + count]] or [tokenizer.encode(captions[0])]
-    order = sorted(range(count), key=lambda i: len(tokens[i]))
-    out = None
-    with _progress(count, "embed captions", progress) as bar:
-        for a, b in slices:
-            idx = order[a - lo:b - lo] or [0]
-            ids, lens = collate_tokens([tokens[i] for i in idx], tokenizer.pad_id)
-            emb = model.embed_captions({"text_ids": ids.to(device), "text_lens": lens.to(device)}).float()
-            if out is None:
-                out = torch.empty((count, *emb.shape[1:]), device=device)
-            if b > a:
-                out[torch.as_tensor(idx, device=device)] = emb
-            bar.update(b - a)
-    return gather_rows(out, m, world).cpu()
+    tokens = [tokenizer.encode(c) for c in captions]
+    order = sorted(range(len(tokens)), key=lambda i: (len(tokens[i]), i))
+
+    def one(lo, hi):
+        ids, lens = collate_tokens([tokens[i] for i in order[lo:hi]], tokenizer.pad_id)
+        return model.embed_captions({"text_ids": ids.to(device), "text_lens": lens.to(device)}).float()
+
+    sorted_emb = _run(one, len(tokens), batch_size, rank, world, "embed captions", progress)
+    out = torch.empty_like(sorted_emb)
+    out[torch.as_tensor(order)] = sorted_emb
+    return out
 
 
 def embed_split(model, split, tokenizer, batch_size=256, device="cpu", rank=0, world=1, progress=False):

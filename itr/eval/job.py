@@ -10,11 +10,13 @@ from itr.eval.scores import similarity_matrix
 
 
 def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, world=1, progress=False, protocol=None):
-    """Metrics of ``model`` on ``split`` (every rank embeds a slice; rank 0 scores). Returns (metrics, sims)."""
+    """Metrics of ``model`` on ``split``: every rank embeds a slice of the images and captions and scores
+    a block of image rows in tiles; rank 0 gets the matrix and computes the metrics. Returns (metrics, sims)
+    on rank 0, (None, None) elsewhere."""
     img, cap = embed_split(model, split, tokenizer, eval_cfg.batch_size, device, rank, world, progress)
+    sims = similarity_matrix(model.score, img, cap, eval_cfg.chunk_size, device, progress, rank, world)
     if rank != 0:
         return None, None
-    sims = similarity_matrix(model.score, img, cap, eval_cfg.chunk_size, device, progress)
     return evaluate_sims(sims, protocol or eval_cfg.protocol, chunk=eval_cfg.chunk_size), sims
 
 
@@ -26,12 +28,14 @@ def write_json(metrics, path):
 
 def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=None, chunk_size=None, batch_size=None,
              device=None):
-    import torch
-
+    """The evaluation job; under `accelerate launch` / torchrun / srun every rank takes a share of the
+    embedding and of the score tiles, and rank 0 reports."""
     from itr.checkpoint import load_for_eval
     from itr.data.sources import load_split
+    from itr.distributed import finish_job, init_job
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, job_device = init_job()
+    device = device or job_device
     model, tokenizer, recipe, meta = load_for_eval(checkpoint, device)
     if chunk_size:
         recipe.eval.chunk_size = chunk_size
@@ -43,10 +47,15 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
 
         raise DataError(f"{data} split {split!r} has {data_split.images.shape[-1]}-d features; "
                          f"the checkpoint was trained on {meta['img_dim']}-d")
-    metrics, sims = evaluate_model(model, data_split, tokenizer, recipe.eval, device, progress=True, protocol=protocol)
-    if save_sims:
-        np.save(save_sims, sims)
-    report(metrics, f"{recipe.model['name']} on {data} [{split}], protocol {protocol or recipe.eval.protocol}", json_out)
+    metrics, sims = evaluate_model(model, data_split, tokenizer, recipe.eval, device, rank, world,
+                                   progress=rank == 0, protocol=protocol)
+    if rank == 0:
+        if save_sims:
+            np.save(save_sims, sims)
+        report(metrics, f"{recipe.model['name']} on {data} [{split}], protocol {protocol or recipe.eval.protocol}"
+                        + (f", {world} ranks" if world > 1 else ""), json_out)
+    if world > 1:
+        finish_job()
     return metrics
 
 

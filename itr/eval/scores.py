@@ -1,21 +1,71 @@
-"""The image x caption similarity matrix, computed tile by tile.
+"""The image x caption similarity matrix, computed in tiles, with the tiles divided among ranks.
 
-Peak memory beyond the (n_images, n_captions) float32 result is one tile of
-``chunk x chunk`` scores (plus whatever the model's ``score`` needs for a tile, which
-for cross-attention models is the large part).
+The matrix is cut into a fixed grid of ``chunk x chunk`` tiles, dealt round robin to the
+ranks. Each tile is one batched call of the model's ``score`` over all of its pairs, so peak
+memory beyond the result is one tile (plus what ``score`` needs for it: the large part for
+cross-attention models). Rank 0 gathers the tiles, then computes ranks and metrics.
+
+Because the grid does not depend on the number of ranks, every score is computed by the same
+call on the same inputs whatever the world size: results are bitwise identical for 1 or N
+ranks. A different tile size changes the shapes of the batched operations, which can change
+the last bits of a score (BLAS blocking); scores then agree to ~1e-7.
+Every rank makes the same number of ``score`` calls (ZeRO-3 gathers parameters inside them).
 """
 import numpy as np
 import torch
+import torch.distributed as dist
+
+
+def tile_grid(n, m, chunk):
+    return [(i, min(n, i + chunk), j, min(m, j + chunk)) for i in range(0, n, chunk) for j in range(0, m, chunk)]
 
 
 @torch.no_grad()
-def similarity_matrix(score_fn, img_emb, cap_emb, chunk=1024, device="cpu", progress=False):
+def similarity_matrix(score_fn, img_emb, cap_emb, chunk=1024, device="cpu", progress=False, rank=0, world=1):
+    """(n_images, n_captions) float32 scores on rank 0 (None on the other ranks)."""
     n, m = img_emb.shape[0], cap_emb.shape[0]
-    out = np.empty((n, m), dtype=np.float32)
-    tiles = [(i, j) for i in range(0, n, chunk) for j in range(0, m, chunk)]
+    grid = tile_grid(n, m, chunk)
+    mine = grid[rank::world]
+    calls = -(-len(grid) // world)
     from tqdm import tqdm
 
-    for i, j in tqdm(tiles, desc="similarity tiles", disable=not progress or len(tiles) < 4, leave=False):
-        s = score_fn(img_emb[i:i + chunk].to(device), cap_emb[j:j + chunk].to(device))
-        out[i:i + chunk, j:j + chunk] = s.float().cpu().numpy()
+    blocks = []
+    for t in tqdm(range(calls), desc="similarity tiles", disable=not progress or calls < 4, leave=False):
+        if t < len(mine):
+            i0, i1, j0, j1 = mine[t]
+            blocks.append(score_fn(img_emb[i0:i1].to(device), cap_emb[j0:j1].to(device)).float().cpu())
+        else:  # keep step with ranks that have one more tile
+            score_fn(img_emb[:1].to(device), cap_emb[:1].to(device))
+    if world > 1:
+        blocks = _gather_tiles(blocks, grid, rank, world)
+        if rank != 0:
+            return None
+    out = np.empty((n, m), dtype=np.float32)
+    for (i0, i1, j0, j1), b in zip(_dealt_order(grid, world), blocks):
+        out[i0:i1, j0:j1] = b.numpy()
+    return out
+
+
+def _dealt_order(grid, world):
+    """Tiles in the order rank 0 holds them after the gather: rank 0's, then rank 1's, ..."""
+    return [t for r in range(world) for t in grid[r::world]]
+
+
+def _gather_tiles(blocks, grid, rank, world):
+    sizes = [sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in grid[r::world]) for r in range(world)]
+    flat = torch.zeros(max(sizes), dtype=torch.float32)
+    if blocks:
+        mine = torch.cat([b.reshape(-1) for b in blocks])
+        flat[: mine.numel()] = mine
+    parts = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
+    dist.gather(flat, parts, dst=0)
+    if rank != 0:
+        return None
+    out = []
+    for r, part in enumerate(parts):
+        offset = 0
+        for i0, i1, j0, j1 in grid[r::world]:
+            k = (i1 - i0) * (j1 - j0)
+            out.append(part[offset:offset + k].reshape(i1 - i0, j1 - j0))
+            offset += k
     return out
