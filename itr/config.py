@@ -79,6 +79,7 @@ class OptimConfig:
     warmup_steps: int = param(0, "linear warm-up over this many optimizer steps (TGDT: 1000)")
     warmup_ratio: float = param(0.0, "or over this fraction of all optimizer steps (xmatching: 0.05)")
     text_lr_mult: float = param(1.0, "lr multiplier of a pretrained (transformers) text encoder, e.g. 0.1")
+    no_decay: List[str] = param([], "parameter-name substrings exempt from weight decay (BERT fine-tuning: bias, LayerNorm.weight)")
     impl: str = param("auto", "auto (apex fused if it imports, else torch fused/foreach), apex, fused, foreach, plain")
 
 

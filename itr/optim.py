@@ -19,20 +19,26 @@ def _apex_fused_adam():
         return None
 
 
-def param_groups(model, text_lr_mult):
+def param_groups(model, text_lr_mult, weight_decay=0.0, no_decay=()):
+    """Groups by learning rate (pretrained text at ``text_lr_mult``) and by weight decay
+    (names containing one of ``no_decay`` get none, as BERT fine-tuning does for biases and LayerNorm)."""
     pretrained = {id(p) for p in getattr(model, "pretrained_parameters", lambda: [])()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    own = [p for p in trainable if id(p) not in pretrained]
-    pre = [p for p in trainable if id(p) in pretrained]
-    groups = [{"params": own, "lr_mult": 1.0, "name": "model"}]
-    if pre:
-        groups.append({"params": pre, "lr_mult": text_lr_mult, "name": "pretrained_text"})
-    return groups
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        pre = id(p) in pretrained
+        decay = not any(s in name for s in no_decay)
+        key = ("pretrained_text" if pre else "model") + ("" if decay else "_no_decay")
+        g = groups.setdefault(key, {"params": [], "lr_mult": text_lr_mult if pre else 1.0, "name": key,
+                                    "weight_decay": weight_decay if decay else 0.0})
+        g["params"].append(p)
+    return [groups[k] for k in ("model", "model_no_decay", "pretrained_text", "pretrained_text_no_decay") if k in groups]
 
 
 def make_optimizer(model, cfg):
     """Return (optimizer, description of the implementation that runs)."""
-    groups = param_groups(model, cfg.text_lr_mult)
+    groups = param_groups(model, cfg.text_lr_mult, cfg.weight_decay, cfg.no_decay)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_mult"]
     on_cuda = next(model.parameters()).is_cuda

@@ -273,6 +273,7 @@ def _train(recipe, out_dir, stop):
         acc.wait_for_everyone()
 
     stopped_by = None
+    loss_mean = acc.unwrap_model(model).loss_reduction == "mean"
     if state.get("pending_eval"):  # a signal arrived right after an epoch's last step
         end_of_epoch(state["epoch"])
     model.train()
@@ -300,12 +301,13 @@ def _train(recipe, out_dir, stop):
 
             if state["global_step"] % t.log_every == 0:
                 total = all_reduce_sum(loss_sum).item()
+                per_pair = total if loss_mean else total / t.batch_size
                 now = time.perf_counter()
                 sps = (state["global_step"] - last_log_step) * t.batch_size / max(now - last_log, 1e-9)
                 last_log, last_log_step = now, state["global_step"]
-                bar.set_postfix(loss=f"{total / t.batch_size:.4f}", lr=f"{lr:.2g}", sps=f"{sps:.0f}")
-                state["history"]["loss"].append([state["global_step"], total / t.batch_size])
-                tracker.log_metrics({"loss": total / t.batch_size, "lr": lr, "samples_per_sec": sps,
+                bar.set_postfix(loss=f"{per_pair:.4f}", lr=f"{lr:.2g}", sps=f"{sps:.0f}")
+                state["history"]["loss"].append([state["global_step"], per_pair])
+                tracker.log_metrics({"loss": per_pair, "lr": lr, "samples_per_sec": sps,
                                      "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
                                      "epoch": epoch,
                                      "skipped_steps": state["skipped_steps"]}, step=state["global_step"])

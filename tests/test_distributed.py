@@ -102,3 +102,12 @@ def test_two_machines_on_localhost_through_the_multinode_script(tiny_data, tmp_p
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     assert "machine 0 of 2" in logs[0] and "machine 1 of 2" in logs[1]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_training_with_a_transformers_text_encoder(tiny_data, tiny_bert, tmp_path):
+    """DDP with a BERT-family text encoder (its unused pooler must not stall the reducer)."""
+    p = accelerate_launch(2, "train", DEMO, *tiny_overrides(tiny_data, **{"train.epochs": 1, "train.max_steps": 4}),
+                          f"model.text={{name: hf, path: {tiny_bert}}}", "optim.text_lr_mult=0.1", "train.world_size=2",
+                          "tracking.enabled=false", "--out", tmp_path / "run")
+    assert p.returncode == 0, p.stderr[-4000:]

@@ -26,3 +26,14 @@ def test_cosine_and_warmup_steps_with_step_decay():
     cfg = OptimConfig(warmup_steps=4, lr_update=1, lr_decay=0.5)  # TGDT-style iteration warm-up on a step schedule
     assert [lr_factor(cfg, 0, s, 100) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert lr_factor(cfg, 2, 50, 100) == pytest.approx(0.25)
+
+
+def test_no_decay_groups_as_bert_fine_tuning():
+    import torch
+
+    from itr.optim import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    groups = {g["name"]: g for g in param_groups(model, 1.0, 0.01, ["bias", "1.weight"])}
+    assert groups["model"]["weight_decay"] == 0.01 and len(groups["model"]["params"]) == 1  # 0.weight
+    assert groups["model_no_decay"]["weight_decay"] == 0.0 and len(groups["model_no_decay"]["params"]) == 3

@@ -28,6 +28,10 @@ def embedding_keys(emb):
 
 
 class MatchingModel(nn.Module):
+    # "sum": batch_loss sums over the queries (VSE++ and most of the field); "mean": averages over the
+    # global batch. Only the logged loss per pair depends on it.
+    loss_reduction = "sum"
+
     def __init__(self, loss_cfg=None):
         super().__init__()
         self.criterion = build_loss(loss_cfg) if loss_cfg is not None else None

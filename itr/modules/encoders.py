@@ -148,6 +148,8 @@ class HFTextEncoder(nn.Module):
             from transformers import AutoConfig
 
             self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # never used: an unused trained parameter stalls DDP's reducer
         self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
         if cfg.freeze:
             self.backbone.requires_grad_(False)
