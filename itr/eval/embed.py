@@ -32,18 +32,16 @@ def _run(embed_one, n, batch_size, rank, world, desc, progress):
         for t in range(calls):
             if t < len(mine):
                 outs.append(embed_one(*grid[mine[t]]))
-            else:  # keep step with ranks that have one more batch
-                embed_one(0, 1)
+            else:  # keep step with ranks that have one more batch; its empty slice keeps the shape
+                outs.append(embed_one(0, 1)[:0])
             bar.update(1)
-    local = torch.cat(outs) if outs else None
+    local = torch.cat(outs)
     if world == 1:
         return local.cpu()
-    return _all_gather_dealt(local, grid, n, rank, world, embed_one)
+    return _all_gather_dealt(local, grid, n, rank, world)
 
 
-def _all_gather_dealt(local, grid, n, rank, world, embed_one):
-    if local is None:  # more ranks than batches: learn the embedding shape from a dummy batch
-        local = embed_one(0, 1)[:0]
+def _all_gather_dealt(local, grid, n, rank, world):
     size = max(sum(hi - lo for lo, hi in grid[r::world]) for r in range(world))
     buf = torch.zeros((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
     buf[: local.shape[0]] = local
