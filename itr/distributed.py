@@ -178,3 +178,37 @@ def gather_no_grad(x):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def pad_to(x, shape):
+    """Zero-pad ``x`` at the end of every dimension after the first up to ``shape[1:]``: token-level
+    embeddings of different caption lengths (cross-attention models) become one tensor; the model's
+    own lengths mask the padding."""
+    pad = []
+    for have, want in zip(reversed(x.shape[1:]), reversed(shape[1:])):
+        pad += [0, want - have]
+    return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+
+def pad_cat(xs):
+    """``torch.cat`` along the batch of tensors whose later dimensions may differ (padded to the max)."""
+    shape = [max(s) for s in zip(*(x.shape for x in xs))]
+    return torch.cat([pad_to(x, shape) for x in xs])
+
+
+def global_max_shape(x):
+    """The elementwise max of ``x.shape`` over ranks (to pad before a gather)."""
+    if not is_distributed():
+        return list(x.shape)
+    s = torch.tensor(list(x.shape), dtype=torch.long, device=x.device)
+    dist.all_reduce(s, op=dist.ReduceOp.MAX)
+    return s.tolist()
+
+
+def gather_padded(x, grad=True):
+    """Gather tensors whose later dimensions differ across ranks (e.g. (n, L, d) word features),
+    zero-padded to the largest; differentiable when ``grad``."""
+    if not is_distributed():
+        return x
+    x = pad_to(x, global_max_shape(x))
+    return gather_with_grad(x) if grad else gather_no_grad(x)

@@ -29,11 +29,11 @@ from itr.data.loader import TrainLoader
 from itr.data.sources import data_kind, ensure_shards, load_split, split_captions
 from itr.errors import DataError
 from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
-                             is_distributed, make_accelerator)
+                             is_distributed, make_accelerator, pad_cat)
 from itr.eval.job import evaluate_model, write_json
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
-from itr.models.base import embedding_keys
+from itr.models.base import embedding_keys, side_keys
 from itr.optim import make_optimizer, set_lr
 from itr.plots import training_curves
 from itr.precision import DTYPES, Precision
@@ -117,7 +117,8 @@ def train_step(model, micro_batches, epoch, acc, precision, world):
             with precision.autocast():
                 embs.append(core.embed(b))
     keys = embedding_keys(embs[0])
-    cached = {k: torch.cat([e[k].float() for e in embs]).requires_grad_() for k in keys}
+    cached = {k: pad_cat([e[k].float() for e in embs]).requires_grad_() for k in keys}
+    cached.update({k: pad_cat([e[k] for e in embs]) for k in side_keys(embs[0])})
     img_ids = torch.cat([b["img_ids"] for b in micro_batches])
     loss = core.batch_loss(cached, img_ids, epoch)
     grads = dict(zip(keys, torch.autograd.grad(loss * world, [cached[k] for k in keys])))
@@ -130,7 +131,7 @@ def train_step(model, micro_batches, epoch, acc, precision, world):
             with precision.autocast():
                 if i < A - 1:
                     out = model(b, epoch=epoch, mode="embed")
-                    total = sum((out[k].float() * grads[k][start:start + n]).sum() for k in keys) / world
+                    total = sum((out[k].float() * _rows_like(grads[k], start, out[k])).sum() for k in keys) / world
                     total = total + out.get("aux_loss", 0.0)
                 else:
                     out = model(b, epoch=epoch, context={**context, "rows": (start, start + n)})
@@ -140,6 +141,11 @@ def train_step(model, micro_batches, epoch, acc, precision, world):
             acc.backward(precision.scale(total * world * A))  # accelerate / DeepSpeed divide by A
         start += n
     return loss.detach() + aux
+
+
+def _rows_like(g, start, like):
+    """This micro-batch's rows of a (padded) whole-batch gradient, cut to the micro-batch's own shape."""
+    return g[(slice(start, start + like.shape[0]),) + tuple(slice(0, d) for d in like.shape[1:])]
 
 
 def _to(batch, device):

@@ -10,6 +10,14 @@ import torch
 import torch.distributed as dist
 
 from itr.data.loader import collate_tokens
+from itr.distributed import global_max_shape, pad_cat, pad_to
+
+
+def _float(out):
+    """Floating embeddings to fp32 (whatever the autocast dtype); integer ones (lengths) as they are."""
+    if isinstance(out, dict):
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+    return out.float()
 
 
 def _progress(total, desc, enabled):
@@ -24,30 +32,42 @@ def _dealt(n, batch_size, rank, world):
     return grid, list(range(rank, len(grid), world)), -(-len(grid) // world)
 
 
+def _as_dict(out):
+    return out if isinstance(out, dict) else {"": out}
+
+
+def _from_dict(d):
+    return d[""] if set(d) == {""} else d
+
+
 def _run(embed_one, n, batch_size, rank, world, desc, progress):
-    """Embed grid batches ``embed_one(lo, hi)`` dealt to this rank; return all n rows on every rank."""
+    """Embed grid batches ``embed_one(lo, hi)`` dealt to this rank; return all n rows on every rank.
+
+    An embedding is a tensor or a dict of tensors, batch first; token-level ones (cross-attention
+    models) differ in length between batches and are zero-padded to the longest."""
     grid, mine, calls = _dealt(n, batch_size, rank, world)
     outs = []
     with _progress(calls, desc, progress) as bar:
         for t in range(calls):
             if t < len(mine):
-                outs.append(embed_one(*grid[mine[t]]))
+                outs.append(_as_dict(embed_one(*grid[mine[t]])))
             else:  # keep step with ranks that have one more batch; its empty slice keeps the shape
-                outs.append(embed_one(0, 1)[:0])
+                outs.append({k: v[:0] for k, v in _as_dict(embed_one(0, 1)).items()})
             bar.update(1)
-    local = torch.cat(outs)
+    local = {k: pad_cat([o[k] for o in outs]) for k in outs[0]}
     if world == 1:
-        return local.cpu()
-    return _all_gather_dealt(local, grid, n, rank, world)
+        return _from_dict({k: v.cpu() for k, v in local.items()})
+    return _from_dict({k: _all_gather_dealt(v, grid, n, rank, world) for k, v in local.items()})
 
 
 def _all_gather_dealt(local, grid, n, rank, world):
     size = max(sum(hi - lo for lo, hi in grid[r::world]) for r in range(world))
-    buf = torch.zeros((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    buf[: local.shape[0]] = local
+    shape = global_max_shape(local)
+    buf = torch.zeros((size, *shape[1:]), dtype=local.dtype, device=local.device)
+    buf[: local.shape[0]] = pad_to(local, shape)
     parts = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(parts, buf)
-    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    out = torch.empty((n, *shape[1:]), dtype=local.dtype)
     for r, part in enumerate(parts):
         offset = 0
         for lo, hi in grid[r::world]:
@@ -60,7 +80,7 @@ def _all_gather_dealt(local, grid, n, rank, world):
 def embed_images(model, split, batch_size=256, device="cpu", rank=0, world=1, progress=False):
     def one(lo, hi):
         inputs = split.image_inputs(lo, hi)
-        return model.embed_images({k: v.to(device) for k, v in inputs.items()}).float()
+        return _float(model.embed_images({k: v.to(device) for k, v in inputs.items()}))
 
     return _run(one, split.num_images, batch_size, rank, world, "embed images", progress)
 
@@ -72,12 +92,14 @@ def embed_captions(model, captions, tokenizer, batch_size=256, device="cpu", ran
 
     def one(lo, hi):
         ids, lens = collate_tokens([tokens[i] for i in order[lo:hi]], tokenizer.pad_id)
-        return model.embed_captions({"text_ids": ids.to(device), "text_lens": lens.to(device)}).float()
+        return _float(model.embed_captions({"text_ids": ids.to(device), "text_lens": lens.to(device)}))
 
-    sorted_emb = _run(one, len(tokens), batch_size, rank, world, "embed captions", progress)
-    out = torch.empty_like(sorted_emb)
-    out[torch.as_tensor(order)] = sorted_emb
-    return out
+    sorted_emb = _as_dict(_run(one, len(tokens), batch_size, rank, world, "embed captions", progress))
+    out = {}
+    for k, v in sorted_emb.items():
+        out[k] = torch.empty_like(v)
+        out[k][torch.as_tensor(order)] = v
+    return _from_dict(out)
 
 
 def embed_split(model, split, tokenizer, batch_size=256, device="cpu", rank=0, world=1, progress=False):

@@ -16,6 +16,17 @@ import torch
 import torch.distributed as dist
 
 
+def rows(emb, lo, hi, device="cpu"):
+    """Rows [lo, hi) of an embedding (a tensor, or a dict of tensors for token-level models)."""
+    if isinstance(emb, dict):
+        return {k: v[lo:hi].to(device) for k, v in emb.items()}
+    return emb[lo:hi].to(device)
+
+
+def num_rows(emb):
+    return next(iter(emb.values())).shape[0] if isinstance(emb, dict) else emb.shape[0]
+
+
 def tile_grid(n, m, chunk):
     return [(i, min(n, i + chunk), j, min(m, j + chunk)) for i in range(0, n, chunk) for j in range(0, m, chunk)]
 
@@ -23,7 +34,7 @@ def tile_grid(n, m, chunk):
 @torch.no_grad()
 def similarity_matrix(score_fn, img_emb, cap_emb, chunk=1024, device="cpu", progress=False, rank=0, world=1):
     """(n_images, n_captions) float32 scores on rank 0 (None on the other ranks)."""
-    n, m = img_emb.shape[0], cap_emb.shape[0]
+    n, m = num_rows(img_emb), num_rows(cap_emb)
     grid = tile_grid(n, m, chunk)
     mine = grid[rank::world]
     calls = -(-len(grid) // world)
@@ -33,9 +44,9 @@ def similarity_matrix(score_fn, img_emb, cap_emb, chunk=1024, device="cpu", prog
     for t in tqdm(range(calls), desc="similarity tiles", disable=not progress or calls < 4, leave=False):
         if t < len(mine):
             i0, i1, j0, j1 = mine[t]
-            blocks.append(score_fn(img_emb[i0:i1].to(device), cap_emb[j0:j1].to(device)).float().cpu())
+            blocks.append(score_fn(rows(img_emb, i0, i1, device), rows(cap_emb, j0, j1, device)).float().cpu())
         else:  # keep step with ranks that have one more tile
-            score_fn(img_emb[:1].to(device), cap_emb[:1].to(device))
+            score_fn(rows(img_emb, 0, 1, device), rows(cap_emb, 0, 1, device))
     if world > 1:
         blocks = _gather_tiles(blocks, grid, rank, world)
         if rank != 0:

@@ -15,16 +15,32 @@ A model is two things:
 exact gradient accumulation, ``itr.train.train_step``). With ``context`` (the embeddings of the
 whole accumulated batch, detached), the loss is that of the whole batch, this micro-batch's rows
 live: its gradient is exact for this micro-batch and for the batch-level modules.
+
+Token-level embeddings (cross-attention models: (B, L, d) words with integer ``cap_lens``) are
+zero-padded to the longest when micro-batches or ranks are joined (``itr.distributed.pad_cat``);
+integer outputs ride along as side keys (no gradient).
 """
 import torch
 import torch.nn as nn
 
+from itr.distributed import pad_cat
 from itr.modules.losses import build_loss
 
 
 def embedding_keys(emb):
     """The differentiable per-pair outputs of ``embed`` (everything float but ``aux_loss``)."""
     return [k for k, v in emb.items() if k != "aux_loss" and torch.is_tensor(v) and v.is_floating_point()]
+
+
+def side_keys(emb):
+    """Per-pair integer outputs of ``embed`` that the batch loss needs too (e.g. caption lengths of
+    token-level embeddings); carried along without gradients."""
+    return [k for k, v in emb.items() if torch.is_tensor(v) and not v.is_floating_point()]
+
+
+def loss_inputs(emb):
+    """What ``batch_loss`` sees of an ``embed`` output: float embeddings in fp32, plus side keys."""
+    return {**{k: emb[k].float() for k in embedding_keys(emb)}, **{k: emb[k] for k in side_keys(emb)}}
 
 
 class MatchingModel(nn.Module):
@@ -65,10 +81,10 @@ class MatchingModel(nn.Module):
         if mode == "embed":
             return emb
         aux = emb.get("aux_loss")
-        full, ids = {k: emb[k].float() for k in embedding_keys(emb)}, batch["img_ids"]
+        full, ids = loss_inputs(emb), batch["img_ids"]
         if context is not None:  # splice this micro-batch's live rows into the whole (detached) batch
             lo, hi = context["rows"]
-            full = {k: torch.cat([context["emb"][k][:lo], v, context["emb"][k][hi:]]) for k, v in full.items()}
+            full = {k: pad_cat([context["emb"][k][:lo], v, context["emb"][k][hi:]]) for k, v in full.items()}
             ids = context["img_ids"]
         loss = self.batch_loss(full, ids, epoch)
         return {**emb, "loss": loss + aux if aux is not None else loss}
