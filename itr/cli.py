@@ -33,7 +33,8 @@ def _eval(a):
     from itr.eval.job import run_eval
 
     run_eval(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
-             chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device)
+             chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
+             compare_full=a.compare_full)
 
 
 def _score(a):
@@ -107,6 +108,11 @@ def parser():
     e.add_argument("--chunk-size", type=int, help="tile size of the similarity / rank computation")
     e.add_argument("--batch-size", type=int, help="embedding batch size")
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--two-stage", type=int, metavar="K",
+                   help="models with a global score: shortlist the K best candidates per query by it, then apply "
+                        "the model's full score to the shortlist only (a ground truth outside it is a miss)")
+    e.add_argument("--compare-full", action="store_true",
+                   help="with --two-stage: also score every pair and report the recall lost and the speedup")
     e.set_defaults(fn=_eval)
 
     sc = sub.add_parser("score", help="metrics from a saved (n_images, 5 n_images) similarity matrix")

@@ -27,9 +27,11 @@ def write_json(metrics, path):
 
 
 def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=None, chunk_size=None, batch_size=None,
-             device=None):
+             device=None, two_stage=None, compare_full=False):
     """The evaluation job; under `accelerate launch` / torchrun / srun every rank takes a share of the
-    embedding and of the score tiles, and rank 0 reports."""
+    embedding and of the score tiles, and rank 0 reports. ``two_stage=K``: global shortlist of K, then the
+    model's full score on the shortlist only (``itr.eval.two_stage``); ``compare_full`` also scores every
+    pair and reports the recall lost and the speedup."""
     from itr.checkpoint import load_for_eval
     from itr.data.sources import load_split
     from itr.distributed import finish_job, init_job
@@ -47,6 +49,12 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
 
         raise DataError(f"{data} split {split!r} has {data_split.images.shape[-1]}-d features; "
                          f"the checkpoint was trained on {meta['img_dim']}-d")
+    if two_stage:
+        metrics = _two_stage(model, data_split, tokenizer, recipe, device, rank, world, protocol, two_stage,
+                             compare_full, f"{recipe.model['name']} on {data} [{split}]", json_out)
+        if world > 1:
+            finish_job()
+        return metrics
     metrics, sims = evaluate_model(model, data_split, tokenizer, recipe.eval, device, rank, world,
                                    progress=rank == 0, protocol=protocol)
     if rank == 0:
@@ -56,6 +64,48 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
                         + (f", {world} ranks" if world > 1 else ""), json_out)
     if world > 1:
         finish_job()
+    return metrics
+
+
+def _two_stage(model, split, tokenizer, recipe, device, rank, world, protocol, k, compare_full, title, json_out):
+    import time
+
+    from itr.eval.embed import embed_split
+    from itr.eval.two_stage import two_stage_metrics
+
+    protocol = protocol or recipe.eval.protocol
+    cfg = recipe.eval
+    img, cap = embed_split(model, split, tokenizer, cfg.batch_size, device, rank, world, rank == 0)
+    metrics = two_stage_metrics(model, img, cap, k, protocol, cfg.chunk_size, device, rank, world, rank == 0)
+    full = None
+    if compare_full:
+        t0 = time.perf_counter()
+        sims = similarity_matrix(model.score, img, cap, cfg.chunk_size, device, rank == 0, rank, world)
+        full_s = time.perf_counter() - t0
+        if rank == 0:
+            full = evaluate_sims(sims, protocol, chunk=cfg.chunk_size)
+            full["timing"] = {"full_s": full_s}
+    if rank != 0:
+        return None
+    report(metrics, f"{title}, protocol {protocol}, two-stage: global top-{k} then full score"
+                    + (f", {world} ranks" if world > 1 else ""), None)
+    t = metrics["timing"]
+    print(f"  global scores {t['global_s']:.1f} s, rerank {t['rerank_s']:.1f} s")
+    if full is not None:
+        report(full, f"{title}, protocol {protocol}, every pair scored", None)
+        two_s = t["global_s"] + t["rerank_s"]
+        print(f"  two-stage vs full: rsum {metrics['rsum']:.1f} vs {full['rsum']:.1f} "
+              f"(lost {full['rsum'] - metrics['rsum']:.1f}), {full['timing']['full_s']:.1f} s vs {two_s:.1f} s "
+              f"({full['timing']['full_s'] / max(two_s, 1e-9):.2f}x)")
+    if json_out:
+        out = {key: metrics[key] for key in KEYS}
+        out["two_stage"] = {"k": k, "timing": metrics["timing"]}
+        if full is not None:
+            out["two_stage"]["full"] = {key: full[key] for key in KEYS}
+            out["two_stage"]["full_timing"] = full["timing"]
+            out["two_stage"]["rsum_lost"] = full["rsum"] - metrics["rsum"]
+        write_json(out, json_out)
+        print(f"wrote {json_out}")
     return metrics
 
 
