@@ -1,0 +1,289 @@
+"""CAMERA: Context-Aware Multi-View Summarization (Qu et al., ACM MM 2020; reference LgQu/CAMERA).
+
+Image (``model.py`` ``EncoderImagePrecompSelfAttn``): regions -> FC (Xavier) -> L2 (over the
+regions, as the reference's ``l2norm(X, dim=1)``: ``model.l2_axis``); box
+positions -> 6 absolute features -> Linear -> sigmoid (``PositionEncoder``); adaptive gating
+self-attention over ``regions * positions`` with a BatchNorm residual on the regions (``AGSA``,
+1 layer, 64 heads); L2 (the same axis); multi-view summarization: 7 dilated 1-d convolutions over the regions ->
+Linear -> k=12 region-weight columns, softmax over regions, k weighted sums -> L2 (``Summarization``).
+The image embedding is (B, k, d).
+Text (``models/TextEncoder.py``): BERT (frozen in the reference: ``freeze_layers(self.bert)``) ->
+Linear -> AGSA -> residual MLP with BatchNorm -> mean over tokens -> L2.
+Similarity (``MultiViewMatching``): the best view, max_k <view_k, caption>.
+Loss (``train_emb``): VSE++ hinge with max violation on that similarity + 0.01 x the diversity
+regularizer sum_b ||A_b^T A_b - I||^2, A_b the region-L2-normalized summarization logits
+(``loss.py`` ``DiversityRegularization``; a sum over the batch, so a per-micro-batch aux_loss).
+
+AGSA, Summarization, PositionEncoder, MultiViewMatching and loss.py are missing from LgQu/CAMERA;
+they were read from copies vendored by forks (the same code in several, incl. the commented-out
+copies in a CAMERA fork's model.py).
+
+Deviations (documented choices):
+- Boxes arrive normalized to [0, 1] (itr's ``{split}_boxes.npy``). The reference divides pixel
+  boxes by the image width/height, which gives the same x, y, w, h and area ratio; its aspect
+  feature w/h is in pixels, here in normalized units (the image aspect ratio is not in the data).
+- The reference pads every caption to 32 tokens and neither masks its text AGSA nor its mean
+  over tokens (padding tokens take part). Here padding is masked in the attention, the
+  BatchNorms and the mean, so a caption's embedding does not depend on the batch's padding.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from itr.config import component, param
+from itr.errors import ConfigError, DataError
+from itr.models.base import MatchingModel
+from itr.models.vsrn import L2_AXIS_HELP, check_l2_axis, l2norm_over, xavier_linear
+from itr.modules.encoders import HFTextEncoder, l2norm, length_mask, text_entry
+from itr.registry import MODELS
+
+
+def masked_bn(bn, x, mask=None):
+    """BatchNorm1d over the (B, N, C) positions where ``mask`` (B, N) is True; the others are 0."""
+    if mask is None:
+        return bn(x.reshape(-1, x.shape[-1])).view_as(x)
+    y = bn(x[mask])
+    out = y.new_zeros((*x.shape[:-1], y.shape[-1]))
+    out[mask] = y
+    return out
+
+
+def masked_mean(x, mask=None):
+    """Mean over dim 1 of (B, N, C), over the positions where ``mask`` (B, N) is True."""
+    if mask is None:
+        return x.mean(1)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def box_features(boxes, eps=1e-4):
+    """(x1, y1, w, h, w / h, w * h) of normalized (x1, y1, x2, y2) boxes (``absoluteEncode``)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    w, h = (x2 - x1).clamp(min=0), (y2 - y1).clamp(min=0)
+    return torch.stack([x1, y1, w, h, w / h.clamp(min=eps), w * h], dim=-1)
+
+
+class PositionEncoder(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(6, dim)
+
+    def forward(self, boxes):
+        return torch.sigmoid(self.proj(box_features(boxes.to(self.proj.weight.dtype))))
+
+
+class GatedQueryAttention(nn.Module):
+    """Multi-head self-attention whose queries and keys are gated per position (``GatedQueryAttLayer``).
+
+    G = fc_q(q) * fc_k(k) per head and position, M = sigmoid(fc_g(G)) gates q and k (first and
+    second half), softmax(q k^T / sqrt(d_k)) v; no output projection.
+    """
+
+    def __init__(self, dim, heads, drop=0.0):
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"model.heads={heads} must divide model.embed_dim={dim}")
+        self.h, self.dk = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.fc_q = nn.Linear(self.dk, self.dk)
+        self.fc_k = nn.Linear(self.dk, self.dk)
+        self.fc_g = nn.Linear(self.dk, 2 * self.dk)
+        self.drop = nn.Dropout(drop) if drop > 0 else None
+
+    def forward(self, x, mask=None):
+        b, n, d = x.shape
+        q, k, v = (lin(x).view(b, n, self.h, self.dk).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        gate = torch.sigmoid(self.fc_g(self.fc_q(q) * self.fc_k(k)))
+        q, k = q * gate[..., :self.dk], k * gate[..., self.dk:]
+        s = q @ k.transpose(-2, -1) / math.sqrt(self.dk)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
+        p = torch.softmax(s, dim=-1)
+        if self.drop is not None:
+            p = self.drop(p)
+        return (p @ v).transpose(1, 2).reshape(b, n, d)
+
+
+class AGSA(nn.Module):
+    """One AGSA layer: x + dropout(BN(attention(x * pos))) (``AGSA`` with num_layers=1)."""
+
+    def __init__(self, dim, heads, drop=0.0):
+        super().__init__()
+        self.att = GatedQueryAttention(dim, heads, drop)
+        self.bn = nn.BatchNorm1d(dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x, pos=None, mask=None):
+        a = self.att(x * pos if pos is not None else x, mask)
+        return x + self.drop(masked_bn(self.bn, a, mask))
+
+
+class Summarization(nn.Module):
+    """k region-weight columns from 7 dilated convolutions over the regions (``Summarization``)."""
+
+    OUT = (256, 128, 128, 128, 128, 128, 128)
+    KERNEL = (1, 3, 3, 3, 5, 5, 5)
+    DILATION = (1, 1, 2, 3, 1, 2, 3)
+
+    def __init__(self, dim, k):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv1d(dim, c, ks, dilation=dl, padding=dl * (ks - 1) // 2)
+            for c, ks, dl in zip(self.OUT, self.KERNEL, self.DILATION))
+        self.fc = nn.Linear(sum(self.OUT), k)
+
+    def forward(self, x):
+        y = x.transpose(1, 2)
+        y = torch.cat([F.relu(conv(y)) for conv in self.convs], dim=1)
+        return self.fc(y.transpose(1, 2))  # (B, R, k) logits
+
+
+class CameraImageEncoder(nn.Module):
+    def __init__(self, img_dim, dim, heads, k, drop=0.0, l2_axis="regions"):
+        super().__init__()
+        self.l2_axis = check_l2_axis(l2_axis)
+        self.fc = xavier_linear(nn.Linear(img_dim, dim))
+        self.pos = PositionEncoder(dim)
+        self.agsa = AGSA(dim, heads, drop)
+        self.mvs = Summarization(dim, k)
+
+    def forward(self, feats, boxes):
+        fc = l2norm_over(self.fc(feats.to(self.fc.weight.dtype)), self.l2_axis)
+        a = self.agsa(fc, self.pos(boxes))
+        an = l2norm_over(a, self.l2_axis)
+        smry = self.mvs(an)
+        views = l2norm(torch.softmax(smry, dim=1).transpose(1, 2) @ an)  # (B, k, d)
+        return {"fc": fc, "agsa": a, "views": views, "smry": smry}
+
+
+class CameraTextEncoder(nn.Module):
+    """Local BERT (itr's hf encoder: its backbone and its Linear projection) -> AGSA -> MLP -> mean.
+
+    ``norm_words`` is SelfAlign-CAMERA's variant (camera_SelfAlign/model_SelfAlign.py
+    ``TextEncoder``): the projected words are L2-normalized (``l2_axis``; over the caption's tokens
+    as the reference's dim=1, padding left out) before the AGSA and the projection starts from the
+    Xavier init.
+    """
+
+    def __init__(self, tcfg, dim, heads, drop=0.0, norm_words=False, l2_axis="regions"):
+        super().__init__()
+        self.l2_axis = check_l2_axis(l2_axis)
+        hf = HFTextEncoder(tcfg, 0, dim)
+        self.backbone, self.mapping = hf.backbone, hf.proj
+        pooler = getattr(self.backbone, "pooler", None)
+        if pooler is not None:  # BERT's pooler is unused here: no gradient, so DDP must not wait for one
+            pooler.requires_grad_(False)
+        if norm_words:
+            xavier_linear(self.mapping)
+        self.norm_words = norm_words
+        self.agsa = AGSA(dim, heads, drop)
+        self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.bn = nn.BatchNorm1d(dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, ids, lens):
+        mask = length_mask(lens, ids.shape[1])
+        h = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        words = self.mapping(h.to(self.mapping.weight.dtype))
+        if self.norm_words:
+            words = l2norm_over(words, self.l2_axis, mask)
+        a = self.agsa(words, mask=mask)
+        y = masked_bn(self.bn, self.fc2(self.drop(F.relu(self.fc1(a)))), mask)
+        x = a + self.drop(y)
+        return {"emb": l2norm(masked_mean(x, mask)), "words": words, "agsa": a, "mask": mask}
+
+
+def multiview_score(img, cap):
+    """(n, k, d) image views x (m, d) captions -> (n, m): the best view (``MultiViewMatching``)."""
+    return torch.einsum("nkd,md->nmk", img, cap).amax(-1)
+
+
+def score_hinge(criterion, score, img, cap, img_ids, epoch):
+    """itr's VSE++ hinge (``itr.modules.losses.hinge_loss``: max violation after the warm-up,
+    same-image masking, gathered global candidates) for a model whose similarity is ``score``
+    rather than a dot product of global vectors. A sum over this rank's queries."""
+    cfg = criterion.cfg
+    c = criterion.candidates(img, cap, img_ids)
+    img_all, cap_all = c.get("img_all", img), c.get("cap_all", cap)
+    ids_all, offset = c.get("ids_all", img_ids), c.get("offset", 0)
+    n, m = img.shape[0], img_all.shape[0]
+    rows = torch.arange(n, device=img.device)
+    s_i2t = score(img, cap_all)  # image queries x candidate captions
+    s_t2i = score(img_all, cap).t()  # caption queries x candidate images
+    pos = s_i2t[rows, offset + rows]
+    if cfg.mask_same_image:
+        not_neg = img_ids[:, None] == ids_all[None, :]
+    else:
+        not_neg = torch.zeros(n, m, dtype=torch.bool, device=img.device)
+    not_neg[rows, offset + rows] = True
+    zero = s_i2t.new_zeros(())
+    cost_c = torch.where(not_neg, zero, (cfg.margin + s_i2t - pos[:, None]).clamp(min=0))
+    cost_i = torch.where(not_neg, zero, (cfg.margin + s_t2i - pos[:, None]).clamp(min=0))
+    if criterion.max_violation(epoch):
+        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
+    return cost_c.sum() + cost_i.sum()
+
+
+def diversity_regularizer(smry):
+    """sum_b ||A_b^T A_b - I||_F^2, A_b = smry_b L2-normalized over regions (``DiversityRegularization``)."""
+    a = F.normalize(smry.float(), dim=1)
+    gram = a.transpose(1, 2) @ a
+    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    return ((gram - eye) ** 2).sum()
+
+
+@dataclass
+class CAMERAConfig:
+    embed_dim: int = param(2048, "joint embedding size (CAMERA train.py --embed_size 2048)")
+    heads: int = param(64, "AGSA heads, image and text (train.py --head 64)")
+    views: int = param(12, "summarization views k (train.py --smry_k 12)")
+    div_weight: float = param(0.01, "weight of the diversity regularizer (train.py --smry_lamda 0.01)")
+    dropout: float = param(0.0, "dropout in AGSA and the text MLP (train.py --drop 0.0)")
+    l2_axis: str = param("regions", L2_AXIS_HELP)
+    text: dict = component("hf", "text", "text encoder: hf (a local BERT directory; CAMERA freezes BERT: text.freeze=true)")
+
+
+@MODELS.register("camera", CAMERAConfig)
+class CAMERA(MatchingModel):
+    model_name = "camera"
+    selfalign_text = False
+
+    def __init__(self, cfg: CAMERAConfig, img_dim: int, tokenizer, loss_cfg=None):
+        super().__init__(loss_cfg)
+        self.cfg = cfg
+        if cfg.text.get("name") != "hf":
+            raise ConfigError(f"model.text.name={cfg.text.get('name')!r}: {type(self).__name__} needs a BERT-family "
+                              f"text encoder (model.text.name=hf)")
+        _, tcfg = text_entry(cfg.text)
+        self.img_enc = CameraImageEncoder(img_dim, cfg.embed_dim, cfg.heads, cfg.views, cfg.dropout, cfg.l2_axis)
+        self.txt_enc = CameraTextEncoder(tcfg, cfg.embed_dim, cfg.heads, cfg.dropout, norm_words=self.selfalign_text,
+                                         l2_axis=cfg.l2_axis)
+
+    def image_features(self, batch):
+        if "boxes" not in batch:
+            raise DataError(f"model.name={self.model_name} needs region boxes (batch key 'boxes', from {{split}}_boxes.npy) but the data has none "
+                            f"(pooled features?); use data with region features and boxes")
+        return self.img_enc(batch["feats"], batch["boxes"])
+
+    def embed(self, batch):
+        im = self.image_features(batch)
+        out = {"img": im["views"], "cap": self.embed_captions(batch)}
+        if self.cfg.div_weight:
+            out["aux_loss"] = self.cfg.div_weight * diversity_regularizer(im["smry"])
+        return out
+
+    def embed_images(self, batch):
+        return self.image_features(batch)["views"]
+
+    def embed_captions(self, batch):
+        return self.txt_enc(batch["text_ids"], batch["text_lens"])["emb"]
+
+    @staticmethod
+    def score(img_emb, cap_emb):
+        return multiview_score(img_emb, cap_emb)
+
+    def batch_loss(self, emb, img_ids, epoch):
+        return score_hinge(self.criterion, self.score, emb["img"].float(), emb["cap"].float(), img_ids, epoch)
