@@ -1,0 +1,89 @@
+"""Shared pieces of the token-level (cross-attention) models (SCAN, TERAN).
+
+- ``tiled_pairs``: evaluates a batched all-pairs scorer ``fn(img (ni, R, d), words (nc, L, d), lens (nc,))``
+  on sub-chunks of a tile so that the (ni, nc, R, L) intermediates stay under ``budget`` elements.
+- ``hinge_on_scores``: the VSE++ bidirectional hinge (``itr.modules.losses.hinge_loss``) on precomputed
+  score matrices, for models whose similarity is not a dot product of global embeddings.
+- ``xattn_batch_loss``: the loss of this rank's queries against the global batch for such models:
+  candidates are gathered with gradients (``gather_padded``; word features are zero-padded to the
+  longest caption across ranks) when ``loss.global_negatives`` and distributed, as ``ContrastiveLoss.candidates``.
+"""
+import torch
+
+from itr.distributed import gather_no_grad, gather_padded, is_distributed
+
+
+def word_mask(lens, max_len):
+    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def tiled_pairs(fn, img, words, lens, budget):
+    """(ni, nc) scores of every image x caption pair, ``fn`` called on sub-chunks of at most ~``budget``
+    (ni_sub x nc_sub x R x L) elements. Words are cut to the longest caption of each caption sub-chunk."""
+    ni, R = img.shape[:2]
+    nc = words.shape[0]
+    if ni == 0 or nc == 0:
+        return img.new_zeros(ni, nc)
+    L = max(int(lens.max()), 1) if nc else 1
+    per_pair = max(R * L, 1)
+    pairs = max(budget // per_pair, 1)
+    bc = min(nc, pairs)
+    bi = min(ni, max(pairs // bc, 1))
+    if bi == ni and bc == nc:
+        return fn(img, words[:, :L], lens)
+    out = img.new_empty(ni, nc)
+    for c0 in range(0, nc, bc):
+        c1 = min(nc, c0 + bc)
+        lc = max(int(lens[c0:c1].max()), 1)
+        w, ln = words[c0:c1, :lc], lens[c0:c1]
+        for i0 in range(0, ni, bi):
+            i1 = min(ni, i0 + bi)
+            out[i0:i1, c0:c1] = fn(img[i0:i1], w, ln)
+    return out
+
+
+def hinge_on_scores(s_i2t, s_t2i, img_ids, ids_all, offset=0, margin=0.2, max_violation=True, mask_same_image=True):
+    """VSE++ hinge summed over this rank's queries, on score matrices.
+
+    ``s_i2t`` (n, N): this rank's images against the candidate captions; ``s_t2i`` (n, N): this rank's
+    captions against the candidate images; the positive pair of query k is candidate ``offset + k``.
+    Same semantics as ``itr.modules.losses.hinge_loss`` (same-image masking, hardest negative or sum).
+    """
+    n, m = s_i2t.shape
+    ar = torch.arange(n, device=s_i2t.device)
+    pos_i = s_i2t[ar, offset + ar]
+    pos_t = s_t2i[ar, offset + ar]
+    if mask_same_image:
+        not_neg = img_ids[:, None] == ids_all[None, :]
+    else:
+        not_neg = torch.zeros(n, m, dtype=torch.bool, device=s_i2t.device)
+    not_neg[ar, offset + ar] = True
+    zero = torch.zeros((), dtype=s_i2t.dtype, device=s_i2t.device)
+    cost_c = torch.where(not_neg, zero, (margin + s_i2t - pos_i[:, None]).clamp(min=0))
+    cost_i = torch.where(not_neg, zero, (margin + s_t2i - pos_t[:, None]).clamp(min=0))
+    if max_violation:
+        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
+    return cost_c.sum() + cost_i.sum()
+
+
+def xattn_batch_loss(scores, img, cap, cap_lens, img_ids, criterion, epoch):
+    """Hinge loss of this rank's pairs against the global batch, with ``scores(img, cap, lens)`` -> (ni, nc).
+
+    One process: the (n x n) matrix once. Distributed with global negatives: this rank's images against
+    every caption and every image against this rank's captions (2 n N pairs per rank, not N^2).
+    """
+    cfg = criterion.cfg
+    mv = criterion.max_violation(epoch) if hasattr(criterion, "max_violation") else cfg.max_violation
+    if cfg.global_negatives and is_distributed():
+        img_all = gather_padded(img)
+        cap_all = gather_padded(cap)
+        lens_all = gather_no_grad(cap_lens)
+        ids_all = gather_no_grad(img_ids)
+        offset = torch.distributed.get_rank() * img.shape[0]
+        s_i2t = scores(img, cap_all, lens_all)
+        s_t2i = scores(img_all, cap, cap_lens).t()
+    else:
+        s = scores(img, cap, cap_lens)
+        s_i2t, s_t2i, ids_all, offset = s, s.t(), img_ids, 0
+    return hinge_on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, margin=cfg.margin, max_violation=mv,
+                           mask_same_image=cfg.mask_same_image)

@@ -1,0 +1,256 @@
+"""TGDT: global and local tokens, the three test modes, the CMC losses by hand, batched scores against a
+per-pair loop, gradient accumulation, a training run whose checkpoint evaluates the same, 2-rank eval."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from itr.config import load_recipe
+from itr.data.loader import collate_tokens
+from itr.models import build_model, make_tokenizer
+from itr.models.tgdt import matrix_hinge, mrsw
+
+from conftest import ROOT
+
+RECIPE = ROOT / "recipes" / "synthetic" / "tgdt.yaml"
+CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog",
+        "a cat and a kite", "an image showing a bus", "a green tree", "a boat near a bridge"]
+SMALL = ["model.embed_dim=16", "model.ff_dim=32", "model.heads=2", "model.text.word_dim=8", "model.text.min_count=1",
+         "model.dropout=0.0"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(*overrides, img_dim=12, bert=None):
+    over = SMALL + (["model.text=hf_words", f"model.text.path={bert}", "model.bert_layers=1"] if bert else []) + list(overrides)
+    if bert:
+        over = [o for o in over if not o.startswith(("model.text.word_dim", "model.text.min_count"))]
+    r = load_recipe(RECIPE, over)
+    tok = make_tokenizer(r, captions=CAPS)
+    torch.manual_seed(0)
+    return build_model(r, img_dim, tok), tok
+
+
+def _batch(tok, n=8, regions=5, img_dim=12, img_ids=None):
+    ids, lens = collate_tokens([tok.encode(c) for c in CAPS[:n]], tok.pad_id)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(n, regions, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.1 + 0.4 * torch.rand(n, regions, 2, generator=g)], dim=-1)
+    return {"feats": torch.randn(n, regions, img_dim, generator=g), "boxes": boxes, "text_ids": ids,
+            "text_lens": lens, "img_ids": torch.arange(n) if img_ids is None else img_ids}
+
+
+@pytest.mark.parametrize("text", ["gru", "bert"])
+def test_shapes_norms_and_caption_padding_invariance(text, tiny_bert):
+    model, tok = _model(bert=tiny_bert if text == "bert" else None)
+    model.eval()
+    b = _batch(tok)
+    im, cap = model.embed_images(b), model.embed_captions(b)
+    assert im["glob"].shape == (8, 16) and im["regions"].shape == (8, 5, 16) and im["lens"].tolist() == [5] * 8
+    assert torch.allclose(im["glob"].norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(im["regions"].norm(dim=-1), torch.ones(8, 5), atol=1e-5)
+    lens = b["text_lens"] - (2 if text == "bert" else 0)  # BERT: [CLS] is the global slot, [SEP] is left out
+    assert cap["lens"].tolist() == lens.tolist()
+    for i, n in enumerate(lens.tolist()):
+        assert torch.allclose(cap["words"][i, :n].norm(dim=-1), torch.ones(n), atol=1e-5)
+        assert cap["words"][i, n:].abs().sum() == 0
+    ids, l1 = collate_tokens([tok.encode(CAPS[3])], tok.pad_id)  # the shortest caption, alone: no padding
+    alone = model.embed_captions({"text_ids": ids, "text_lens": l1})
+    assert torch.allclose(alone["glob"][0], cap["glob"][3], atol=1e-5)
+    n = int(alone["lens"][0])
+    assert torch.allclose(alone["words"][0, :n], cap["words"][3, :n], atol=1e-5)
+
+
+def test_mrsw_by_hand():
+    regions = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # the third region is padding
+    words = torch.tensor([[[0.6, 0.8], [1.0, 0.0], [9.0, 9.0]]])  # the third word is padding
+    s = mrsw(regions, torch.tensor([[True, True, False]]), words, torch.tensor([[True, True, False]]))
+    assert s.item() == pytest.approx(0.8 + 1.0)  # max over regions, per word: 0.8 and 1.0, summed
+
+
+def _ragged(seed=0, n_img=3, n_cap=4, d=6):
+    g = torch.Generator().manual_seed(seed)
+    img = {"glob": torch.nn.functional.normalize(torch.randn(n_img, d, generator=g), dim=-1),
+           "regions": torch.nn.functional.normalize(torch.randn(n_img, 5, d, generator=g), dim=-1),
+           "lens": torch.tensor([5, 3, 4][:n_img])}
+    lens = torch.tensor([2, 7, 1, 4][:n_cap])
+    words = torch.nn.functional.normalize(torch.randn(n_cap, 7, d, generator=g), dim=-1)
+    words = words * (torch.arange(7)[None, :, None] < lens[:, None, None])
+    cap = {"glob": torch.nn.functional.normalize(torch.randn(n_cap, d, generator=g), dim=-1), "words": words,
+           "lens": lens}
+    return img, cap
+
+
+@pytest.mark.parametrize("mode", ["global", "local", "sum"])
+def test_three_modes_equal_a_per_pair_loop_and_ignore_padding(mode):
+    model, _ = _model(f"model.test_mode={mode}")
+    img, cap = _ragged()
+    got = model.score(img, cap)
+    ref_g, ref_l = torch.zeros(3, 4), torch.zeros(3, 4)
+    for i in range(3):
+        for j in range(4):
+            r = img["regions"][i, :img["lens"][i]]
+            w = cap["words"][j, :cap["lens"][j]]
+            ref_g[i, j] = float(img["glob"][i] @ cap["glob"][j])
+            ref_l[i, j] = 10.0 * float((r @ w.t()).amax(0).sum())  # max over regions, sum over words, x local_scale
+    torch.testing.assert_close(model.global_score(img, cap), ref_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.local_score(img, cap), ref_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, {"global": ref_g, "local": ref_l, "sum": ref_g + ref_l}[mode], rtol=1e-5, atol=1e-5)
+    padded = {**cap, "words": torch.nn.functional.pad(cap["words"], (0, 0, 0, 3))}  # extra zero padding
+    padded_img = {**img, "regions": torch.nn.functional.pad(img["regions"], (0, 0, 0, 2))}
+    torch.testing.assert_close(model.score(padded_img, padded), got, rtol=0, atol=1e-6)
+
+
+def test_sub_chunked_local_score_equals_one_chunk(monkeypatch):
+    import itr.models.tgdt as tgdt
+
+    model, _ = _model()
+    img, cap = _ragged(1)
+    whole = model.local_score(img, cap)
+    monkeypatch.setattr(tgdt, "PAIR_BUDGET", 1)  # one caption per chunk
+    torch.testing.assert_close(model.local_score(img, cap), whole, rtol=0, atol=1e-6)
+
+
+def test_matrix_hinge_by_hand():
+    s = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.4, 0.0], [0.2, 0.7, 0.6]])
+    ids = torch.tensor([0, 1, 2])
+    # image 0: captions 1 (0.2+0.8-0.9=0.1), 2 (0); caption 0: images 1 (0.2+0.5-0.9=-0.2->0), 2 (0)
+    # image 1: captions 0 (0.2+0.5-0.4=0.3), 2 (0); caption 1: images 0 (0.2+0.8-0.4=0.6), 2 (0.2+0.7-0.4=0.5)
+    # image 2: captions 0 (0), 1 (0.2+0.7-0.6=0.3); caption 2: images 0 (0), 1 (0)
+    hard = matrix_hinge(s, s.t(), ids, ids, 0, 0.2, True, True)
+    assert hard.item() == pytest.approx(0.1 + 0.3 + 0.3 + 0.0 + 0.6 + 0.0)
+    summed = matrix_hinge(s, s.t(), ids, ids, 0, 0.2, False, True)
+    assert summed.item() == pytest.approx(0.1 + 0.3 + 0.3 + 0.6 + 0.5)
+    same = matrix_hinge(s, s.t(), torch.tensor([0, 0, 2]), torch.tensor([0, 0, 2]), 0, 0.2, True, True)
+    # pairs 0/1 show the same image: image 2 -> caption 1 (0.3) and caption 1 -> image 2 (0.5) remain
+    assert same.item() == pytest.approx(0.3 + 0.5)
+
+
+def test_loss_is_global_hinge_plus_consistency_plus_local_hinge():
+    model, tok = _model("model.consistency_margin=0.05", "loss.warmup_epochs=0")
+    model.eval()
+    b = _batch(tok)
+    out = model(b, epoch=0)
+    img = {"glob": out["img"], "regions": out["img_regions"], "lens": out["img_lens"]}
+    cap = {"glob": out["cap"], "words": out["cap_words"], "lens": out["cap_lens"]}
+    ids = b["img_ids"]
+    g, loc = model.global_score(img, cap), model.local_score(img, cap)
+    hinge_g = matrix_hinge(g, g.t(), ids, ids, 0, 0.2, True, True)
+    hinge_l = matrix_hinge(loc, loc.t(), ids, ids, 0, 0.2, True, True)
+    si, st = out["img"] @ out["img"].t(), out["cap"] @ out["cap"].t()
+    cons = sum(max(0.0, float((st[:, j] - si[:, j]).abs().max()) - 0.05) for j in range(8))
+    assert cons > 0
+    assert out["loss"].item() == pytest.approx(hinge_g.item() + cons + hinge_l.item(), rel=1e-5)
+
+
+def test_a_few_steps_reduce_the_loss():
+    model, tok = _model()
+    b = _batch(tok)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(b, epoch=0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _step(accum, model_fn, batch_fn):
+    """One real trainer step (itr.train.train_step) on a fixed batch split into ``accum`` micro-batches."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from itr.distributed import make_accelerator
+    from itr.precision import Precision
+    from itr.train import train_step
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    model, tok = model_fn()
+    b = batch_fn(tok)
+    acc = make_accelerator(grad_accum=accum, cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = acc.prepare(model, opt)
+    n = len(b["img_ids"]) // accum
+    micro = [{k: v[a * n:(a + 1) * n] for k, v in b.items()} for a in range(accum)]
+    for m in micro:  # each micro-batch cut to its own longest caption, as the loader does
+        L = int(m["text_lens"].max())
+        m["text_ids"] = m["text_ids"][:, :L]
+    loss = train_step(model, micro, 0, acc, Precision("no", "cpu"), 1)
+    grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def test_accumulation_gives_the_whole_batch_step():
+    def model_fn():
+        return _model("loss.warmup_epochs=0")
+
+    def batch_fn(tok):
+        return _batch(tok, img_ids=torch.tensor([0, 1, 2, 0, 3, 4, 2, 5]))
+
+    ref_loss, ref = _step(1, model_fn, batch_fn)
+    loss, grads = _step(2, model_fn, batch_fn)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref.keys() and "txt_enc.rnn.weight_hh_l0" in grads and "img_global.layers.0.linear1.weight" in grads
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
+def _overrides(data, **kw):
+    o = {"data.root": data, "data.num_workers": 0, "data.shuffle_buffer": 200, "data.images_per_shard": 40,
+         "model.embed_dim": 16, "model.ff_dim": 32, "model.heads": 2, "model.text.word_dim": 8,
+         "model.text.min_count": 1, "train.batch_size": 32, "train.epochs": 1, "train.log_every": 2,
+         "optim.lr": 2e-3, "optim.warmup_steps": 0, "eval.batch_size": 64, "eval.chunk_size": 16,
+         "tracking.enabled": "false"}
+    o.update(kw)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def test_train_one_epoch_then_the_checkpoint_evaluates_the_same_in_every_mode(tiny_data, tmp_path):
+    from itr import checkpoint as ckpt
+    from itr.data.sources import load_split
+    from itr.eval.job import evaluate_model, run_eval
+    from itr.train import train
+
+    res = train(load_recipe(RECIPE, _overrides(tiny_data)), tmp_path / "run")
+    assert res["test"]["rsum"] > 0
+    again = run_eval(tmp_path / "run" / "best", tiny_data, "test", protocol="1k")
+    assert again == pytest.approx(res["test"])
+    model, tok, recipe, _ = ckpt.load_for_eval(tmp_path / "run" / "best")
+    split = load_split(tiny_data, "test")
+    got = {}
+    for mode in ("global", "local", "sum"):
+        model.cfg.test_mode = mode
+        got[mode], sims = evaluate_model(model, split, tok, recipe.eval)
+        assert got[mode]["rsum"] > 0
+    assert got["sum"] == pytest.approx(res["test"])  # the recipe's mode
+
+
+@pytest.mark.slow
+def test_eval_on_two_ranks_equals_one_rank(tiny_data, tmp_path):
+    from itr.eval.job import run_eval
+    from itr.train import train
+
+    train(load_recipe(RECIPE, _overrides(tiny_data, **{"train.max_steps": 2})), tmp_path / "run")
+    ref = run_eval(tmp_path / "run" / "best", tiny_data, "test", chunk_size=7, save_sims=tmp_path / "ref.npy")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "itr", "eval",
+                        str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "test",
+                        "--chunk-size", "7", "--json", str(tmp_path / "m.json"), "--save-sims", str(tmp_path / "s.npy")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "2 ranks" in p.stdout
+    assert np.array_equal(np.load(tmp_path / "s.npy"), np.load(tmp_path / "ref.npy"))
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(ref)
