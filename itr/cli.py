@@ -34,7 +34,21 @@ def _eval(a):
 
     run_eval(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
              chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
-             compare_full=a.compare_full)
+             compare_full=a.compare_full, log_to_run=a.log_to_run, log_run=a.log_run, experiment=a.experiment,
+             tracking_uri=a.tracking_uri, run_name=a.run_name)
+
+
+def _compare(a):
+    from itr.compare import compare
+
+    compare(experiment=a.experiment, filter_string=a.filter, run_ids=a.runs, tracking_uri=a.tracking_uri, csv=a.csv,
+            markdown=a.markdown, plot=a.plot, metric=a.metric, max_runs=a.max_runs)
+
+
+def _sync(a):
+    from itr.tracking import sync
+
+    sync(a.run_dir, uri=a.tracking_uri)
 
 
 def _score(a):
@@ -55,6 +69,12 @@ def _demo(a):
     from itr.demo import demo
 
     demo(a.out, a.recipe, a.overrides)
+
+
+def _submit(a):
+    from itr.submit import main as submit
+
+    submit(a)
 
 
 def _config(a):
@@ -113,7 +133,33 @@ def parser():
                         "the model's full score to the shortlist only (a ground truth outside it is a miss)")
     e.add_argument("--compare-full", action="store_true",
                    help="with --two-stage: also score every pair and report the recall lost and the speedup")
+    e.add_argument("--log-to-run", metavar="RUN_ID",
+                   help="MLflow: add the metrics (as SPLIT_PROTOCOL_METRIC, e.g. test_1k_rsum) to this existing run")
+    e.add_argument("--log-run", action="store_true", help="MLflow: log the metrics into a new evaluation run")
+    e.add_argument("--experiment", help="MLflow experiment of the new evaluation run (implies --log-run; "
+                                        "default: the checkpoint recipe's tracking.experiment)")
+    e.add_argument("--tracking-uri", help="MLflow tracking URI (default: the checkpoint recipe's tracking.uri, "
+                                          "$MLFLOW_TRACKING_URI, sqlite:///<cwd>/mlflow.db)")
+    e.add_argument("--run-name", help="name of the new evaluation run")
     e.set_defaults(fn=_eval)
+
+    cm = sub.add_parser("compare", help="MLflow runs side by side, sorted by rsum (table, CSV, Markdown, plot)")
+    cm.add_argument("--experiment", help="experiment name (default: itr; ignored with --runs)")
+    cm.add_argument("--filter", help="MLflow search filter, e.g. \"tags.sweep = 'lr'\" or \"params.optim.lr = '0.0002'\"")
+    cm.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs (any experiment)")
+    cm.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, sqlite:///<cwd>/mlflow.db)")
+    cm.add_argument("--metric", help="metric prefix to compare: test (training's test split), or an `itr eval` prefix "
+                                     "such as test_1k or testall_coco5fold (default: test, else the run's one *_rsum)")
+    cm.add_argument("--csv", metavar="OUT", help="write the table as CSV")
+    cm.add_argument("--markdown", metavar="OUT", help="write the table as Markdown")
+    cm.add_argument("--plot", metavar="OUT.png", help="rsum per run (bars) and dev rsum over epochs (lines)")
+    cm.add_argument("--max-runs", type=int, default=200, help="at most this many runs from a search")
+    cm.set_defaults(fn=_compare)
+
+    sy = sub.add_parser("sync", help="upload a run directory's MLflow journal (after the server was unreachable)")
+    sy.add_argument("run_dir", help="the --out directory of `itr train` (holds mlflow_journal.jsonl)")
+    sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run was started with)")
+    sy.set_defaults(fn=_sync)
 
     sc = sub.add_parser("score", help="metrics from a saved (n_images, 5 n_images) similarity matrix")
     sc.add_argument("sims", help="SIMS.npy; caption j belongs to image j // 5")
@@ -138,6 +184,10 @@ def parser():
     d.add_argument("--out", default="itr-demo", help="demo directory (data, shards, run)")
     d.add_argument("--recipe", default=None, help="default: recipes/synthetic/vsepp_gru.yaml")
     d.set_defaults(fn=_demo)
+
+    from itr.submit import add_parser as add_submit_parser
+
+    add_submit_parser(sub).set_defaults(fn=_submit)
 
     c = sub.add_parser("config", help="print every recipe key with its value and meaning")
     c.add_argument("recipe", nargs="?")

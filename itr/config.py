@@ -108,6 +108,10 @@ class TrackingConfig:
     uri: Optional[str] = param(None, "MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db, MLflow's own default)")
     experiment: str = param("itr", "MLflow experiment name")
     run_name: Optional[str] = param(None, "MLflow run name (default: model-dataset-time)")
+    sweep: Optional[str] = param(None, "MLflow tag `sweep` grouping a sweep's runs (default: $ITR_SWEEP)")
+    max_artifact_mb: Optional[float] = param(None, "the best checkpoint is logged as an artifact up to this size, "
+                                                   "else only a tag naming where it lives (default: "
+                                                   "$ITR_MLFLOW_MAX_ARTIFACT_MB or 200)")
 
 
 @dataclass

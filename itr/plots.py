@@ -1,5 +1,6 @@
 """Training curves as a PNG: easier to read than a column of per-epoch tables."""
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # noqa: E402  (no display on cluster nodes)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,6 +29,66 @@ def training_curves(history, path, title=""):
     ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def recall_at_k(named_metrics, path, title=""):
+    """Recall at K = 1, 5, 10 for image->text and text->image, one line per evaluation.
+
+    ``named_metrics``: {"test": metrics, "dev (best)": metrics, ...} with the i2t_R*/t2i_R* keys."""
+    ks = (1, 5, 10)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, direction, name in ((axes[0], "i2t", "image -> text"), (axes[1], "t2i", "text -> image")):
+        for label, m in named_metrics.items():
+            if m is None or not all(f"{direction}_R{k}" in m for k in ks):
+                continue
+            values = [m[f"{direction}_R{k}"] for k in ks]
+            ax.plot(ks, values, marker="o", label=label)
+            for k, v in zip(ks, values):
+                ax.annotate(f"{v:.1f}", (k, v), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        ax.set(xlabel="K", title=f"{name} R@K", xticks=ks)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("recall (%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(rows, histories, path, metric="rsum", title="run comparison"):
+    """Left: ``metric`` per run as bars (best first); right: dev rsum over epochs per run.
+
+    ``rows``: [{"label", metric}] in display order; ``histories``: {label: [(epoch, dev rsum), ...]}."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    labels = [r["label"] for r in rows]
+    values = [r.get(metric) if r.get(metric) is not None else 0.0 for r in rows]
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    bars = ax1.bar(range(len(rows)), values, color=colors)
+    for b, r in zip(bars, rows):
+        if r.get(metric) is not None:
+            ax1.annotate(f"{r[metric]:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), textcoords="offset points",
+                         xytext=(0, 3), ha="center", fontsize=8)
+    ax1.set_xticks(range(len(rows)))
+    ax1.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax1.set(ylabel=metric, title=f"{metric} per run")
+    ax1.grid(axis="y", alpha=0.3)
+    for color, label in zip(colors, labels):
+        h = histories.get(label) or []
+        if h:
+            epochs, v = zip(*h)
+            ax2.plot(epochs, v, marker="o", ms=3, color=color, label=label)
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax2.set(xlabel="epoch", ylabel="dev rsum", title="dev rsum over epochs")
+    ax2.grid(alpha=0.3)
+    if any(histories.get(label) for label in labels):
+        ax2.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -35,9 +35,10 @@ from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
 from itr.models.base import embedding_keys, side_keys
 from itr.optim import make_optimizer, set_lr
-from itr.plots import training_curves
+from itr.plots import recall_at_k, training_curves
 from itr.precision import DTYPES, Precision
-from itr.tracking import make_tracker, recipe_params, run_name
+from itr.tracking import (JOURNAL, end_active, launch_info, make_tracker, memory_metrics, metric_prefix, recipe_params,
+                          run_name, run_tags)
 
 
 class Stop:
@@ -158,10 +159,7 @@ def train(recipe, out_dir):
     try:
         return _train(recipe, out_dir, stop)
     except BaseException as e:
-        import mlflow
-
-        if mlflow.active_run() is not None:  # do not leave the MLflow run RUNNING forever
-            mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        end_active("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")  # no MLflow run left RUNNING forever
         raise
     finally:
         stop.close()
@@ -233,15 +231,21 @@ def _train(recipe, out_dir, stop):
         acc.load_state(str(resume / ckpt.STATE))
         state.update(meta["train_state"])
     dataset = recipe.data.name or Path(recipe.data.root).name
-    tracker = make_tracker(recipe, main, run_id=state["run_id"], default_name=run_name(rd, dataset))
+    tracker = make_tracker(recipe, main, run_id=state["run_id"], default_name=run_name(rd, dataset),
+                           journal=out / JOURNAL)
     state["run_id"] = tracker.run_id
     tracker.log_params(recipe_params(rd))
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0) if deepspeed else None
     info = {"world_size": world, "rank_batch": rank_batch, "optimizer_impl": optimizer_impl,
             "precision": t.mixed_precision, "device": str(device), "img_dim": img_dim,
-            "deepspeed": f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)} ({ds_path})" if deepspeed else "no",
-            "train_pairs": manifest["num_captions"], "vocab_size": len(tokenizer)}
-    tracker.set_tags({"model": rd["model"]["name"], "dataset": dataset, **info})
+            "deepspeed": f"ZeRO-{zero_stage} ({ds_path})" if deepspeed else "no",
+            "zero_stage": zero_stage if deepspeed else "none",
+            "train_pairs": manifest["num_captions"], "vocab_size": len(tokenizer), "run_dir": str(out)}
     if main:
+        tracker.set_tags({"model": rd["model"]["name"], "dataset": dataset, **info,
+                          **run_tags(recipe.tracking, world, manifest)})
+        (out / "launch.json").write_text(json.dumps(launch_info(), indent=1))  # argv, launcher and its environment
+        tracker.log_artifact(out / "launch.json")
         print(f"[itr] {rd['model']['name']} on {dataset}: world {world} x batch {rank_batch} x accum {t.grad_accum}, "
               f"precision {t.mixed_precision}, optimizer {optimizer_impl}, device {device}, "
               f"deepspeed {info['deepspeed']}"
@@ -284,6 +288,7 @@ def _train(recipe, out_dir, stop):
         end_of_epoch(state["epoch"])
     model.train()
     last_log, last_log_step = time.perf_counter(), state["global_step"]
+    throughput, started = [], time.perf_counter()
     epoch_steps = [loader.num_batches(e) // t.grad_accum for e in range(t.epochs)]
     total_steps = sum(epoch_steps)
     for epoch in range(state["epoch"], t.epochs):
@@ -313,10 +318,12 @@ def _train(recipe, out_dir, stop):
                 last_log, last_log_step = now, state["global_step"]
                 bar.set_postfix(loss=f"{per_pair:.4f}", lr=f"{lr:.2g}", sps=f"{sps:.0f}")
                 state["history"]["loss"].append([state["global_step"], per_pair])
-                tracker.log_metrics({"loss": per_pair, "lr": lr, "samples_per_sec": sps,
-                                     "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
-                                     "epoch": epoch,
-                                     "skipped_steps": state["skipped_steps"]}, step=state["global_step"])
+                throughput.append(sps)
+                if main:
+                    tracker.log_metrics({"loss": per_pair, "lr": lr, "samples_per_sec": sps,
+                                         "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
+                                         "epoch": epoch, "skipped_steps": state["skipped_steps"],
+                                         **memory_metrics(device)}, step=state["global_step"])
                 if not math.isfinite(total):
                     raise FloatingPointError(f"loss is {total} at step {state['global_step']}; "
                                              f"lower optim.lr or use train.mixed_precision=bf16/no")
@@ -353,14 +360,23 @@ def _train(recipe, out_dir, stop):
     if main:
         if test is not None:
             results["test"] = test
-            tracker.log_metrics({f"test_{k}": test[k] for k in KEYS})
+            prefix = metric_prefix(recipe.data.test_split, recipe.eval.protocol)  # the key `itr eval --log-to-run` uses
+            tracker.log_metrics({**{f"test_{k}": test[k] for k in KEYS}, **{f"{prefix}{k}": test[k] for k in KEYS}},
+                                step=state["global_step"])
             print(format_table(test, f"test ({recipe.data.test_split}) with the best dev checkpoint, "
                                      f"protocol {recipe.eval.protocol}"), flush=True)
         write_json(results, out / "results.json")
         (out / "recipe.yaml").write_text(yaml.safe_dump(rd, sort_keys=False))
         training_curves(state["history"], out / "curves.png", f"{rd['model']['name']} on {dataset}")
-        for name in ("recipe.yaml", "results.json", "curves.png"):
+        recall_at_k({f"dev (best, epoch {state['best_epoch']})": state["best_dev"], recipe.data.test_split: test},
+                    out / "recall_at_k.png", f"{rd['model']['name']} on {dataset}")
+        tracker.log_metrics({"train_samples_per_sec": sum(throughput) / len(throughput) if throughput else math.nan,
+                             "train_wall_s": time.perf_counter() - started, "epochs_completed": state["epoch"]},
+                            step=state["global_step"])
+        for name in ("recipe.yaml", "results.json", "curves.png", "recall_at_k.png"):
             tracker.log_artifact(out / name)
+        if (out / "best").exists():
+            tracker.log_checkpoint(ckpt.resolve(out / "best"), getattr(recipe.tracking, "max_artifact_mb", None))
         if tracker.run_id:
             print(f"[itr] MLflow run {tracker.run_id}: {tracker.ui_hint()}", flush=True)
     tracker.finish()

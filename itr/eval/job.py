@@ -27,11 +27,16 @@ def write_json(metrics, path):
 
 
 def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=None, chunk_size=None, batch_size=None,
-             device=None, two_stage=None, compare_full=False):
+             device=None, two_stage=None, compare_full=False, log_to_run=None, log_run=False, experiment=None,
+             tracking_uri=None, run_name=None):
     """The evaluation job; under `accelerate launch` / torchrun / srun every rank takes a share of the
     embedding and of the score tiles, and rank 0 reports. ``two_stage=K``: global shortlist of K, then the
     model's full score on the shortlist only (``itr.eval.two_stage``); ``compare_full`` also scores every
-    pair and reports the recall lost and the speedup."""
+    pair and reports the recall lost and the speedup.
+
+    MLflow (rank 0): ``log_to_run=RUN_ID`` adds the metrics to that (training) run, ``log_run`` / ``experiment``
+    to a new evaluation run; keys are ``{split}_{protocol}_{metric}`` (e.g. ``test_1k_rsum``), the same the
+    training logs for its test split, so runs evaluated later line up in ``itr compare``."""
     from itr.checkpoint import load_for_eval
     from itr.data.sources import load_split
     from itr.distributed import finish_job, init_job
@@ -52,6 +57,9 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
     if two_stage:
         metrics = _two_stage(model, data_split, tokenizer, recipe, device, rank, world, protocol, two_stage,
                              compare_full, f"{recipe.model['name']} on {data} [{split}]", json_out)
+        if rank == 0 and (log_to_run or log_run or experiment):
+            _log_mlflow(metrics, split, protocol or recipe.eval.protocol, f"_top{two_stage}", checkpoint, data, recipe,
+                        meta, json_out, log_to_run, experiment, tracking_uri, run_name)
         if world > 1:
             finish_job()
         return metrics
@@ -62,9 +70,33 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
             np.save(save_sims, sims)
         report(metrics, f"{recipe.model['name']} on {data} [{split}], protocol {protocol or recipe.eval.protocol}"
                         + (f", {world} ranks" if world > 1 else ""), json_out)
+        if log_to_run or log_run or experiment:
+            _log_mlflow(metrics, split, protocol or recipe.eval.protocol, "", checkpoint, data, recipe, meta, json_out,
+                        log_to_run, experiment, tracking_uri, run_name)
     if world > 1:
         finish_job()
     return metrics
+
+
+def _log_mlflow(metrics, split, protocol, extra, checkpoint, data, recipe, meta, json_out, run_id, experiment, uri,
+                run_name):
+    """The metrics (and a metrics JSON + recall@K plot as artifacts) into MLflow; a failure only warns."""
+    import tempfile
+
+    from itr.config import to_dict
+    from itr.plots import recall_at_k
+    from itr.tracking import log_evaluation, metric_prefix
+
+    prefix = metric_prefix(split, protocol, extra)
+    rd = to_dict(recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        arts = [Path(tmp) / f"{prefix}metrics.json", Path(tmp) / f"{prefix}recall_at_k.png"]
+        write_json({**{k: metrics[k] for k in KEYS}, "checkpoint": str(checkpoint), "data": str(data), "split": split,
+                    "protocol": protocol}, arts[0])
+        recall_at_k({f"{split} ({protocol})": metrics}, arts[1], f"{rd['model']['name']}: {checkpoint}")
+        return log_evaluation(metrics, prefix, uri=uri, run_id=run_id, experiment=experiment, recipe=rd, meta=meta,
+                              checkpoint=Path(checkpoint).resolve(), data=Path(data).resolve(), run_name=run_name,
+                              artifacts=arts)
 
 
 def _two_stage(model, split, tokenizer, recipe, device, rank, world, protocol, k, compare_full, title, json_out):

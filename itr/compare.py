@@ -1,0 +1,192 @@
+"""``itr compare``: MLflow runs side by side, best rsum first, as a table, CSV, Markdown and a plot.
+
+Which numbers: ``--metric P`` compares the metrics ``P_rsum``, ``P_i2t_R1``, ...; the default takes
+``test_*`` (what a training logs for its test split) and, for a run without them, its one other
+``*_rsum`` family (an evaluation run of ``itr eval --log-run``, e.g. ``test_1k_*``), else the
+best dev epoch. The plot shows the compared rsum per run as bars and the dev rsum over epochs
+(``dev_rsum``'s history) as lines.
+"""
+import csv as csv_module
+import math
+import sys
+import time
+from pathlib import Path
+
+from itr.errors import ItrError
+
+RECALLS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
+COLUMNS = (("run", "run"), ("run_id", "id"), ("model", "model"), ("dataset", "dataset"), ("metric", "metric"),
+           ("rsum", "rsum"), ("i2t_R1", "i2t R@1"), ("i2t_R5", "i2t R@5"), ("i2t_R10", "i2t R@10"),
+           ("t2i_R1", "t2i R@1"), ("t2i_R5", "t2i R@5"), ("t2i_R10", "t2i R@10"), ("epochs", "epochs"),
+           ("samples_per_sec", "samples/s"), ("wall_s", "wall time"))
+NUMERIC = {"rsum", *RECALLS, "epochs", "samples_per_sec", "wall_s"}
+
+
+class CompareError(ItrError):
+    pass
+
+
+def _prefix_of(metrics, wanted):
+    if wanted:
+        return wanted.rstrip("_")
+    if "test_rsum" in metrics:
+        return "test"
+    others = sorted(k[:-len("_rsum")] for k in metrics if k.endswith("_rsum") and not k.startswith("dev_"))
+    return others[0] if others else None
+
+
+def _history(client, run_id, key):
+    try:
+        return sorted(((m.step, m.value) for m in client.get_metric_history(run_id, key)), key=lambda x: x[0])
+    except Exception:
+        return []
+
+
+def run_row(client, run, metric=None):
+    """One table row of ``run`` plus its dev rsum history [(epoch, rsum)]."""
+    m, tags, params = run.data.metrics, run.data.tags, run.data.params
+    dev = _history(client, run.info.run_id, "dev_rsum")
+    prefix = _prefix_of(m, metric)
+    row = {"run": run.info.run_name or run.info.run_id[:8], "run_id": run.info.run_id,
+           "model": tags.get("model") or params.get("model.name", ""), "dataset": tags.get("dataset", ""),
+           "sweep": tags.get("sweep", ""), "status": run.info.status}
+    if prefix is not None and f"{prefix}_rsum" in m:
+        row["metric"] = prefix
+        row["rsum"] = m[f"{prefix}_rsum"]
+        row.update({k: m.get(f"{prefix}_{k}") for k in RECALLS})
+    elif dev:  # no test metrics: the best dev epoch
+        best_epoch, best = max(dev, key=lambda x: x[1])
+        row["metric"] = f"dev (epoch {best_epoch})"
+        row["rsum"] = best
+        for k in RECALLS:
+            row[k] = dict(_history(client, run.info.run_id, f"dev_{k}")).get(best_epoch)
+    else:
+        row.update({"metric": "", "rsum": None, **{k: None for k in RECALLS}})
+    if dev:
+        row["epochs"] = max(e for e, _ in dev)
+    elif tags.get("trained_epochs", "").isdigit():
+        row["epochs"] = int(tags["trained_epochs"])
+    elif "epochs_completed" in m:
+        row["epochs"] = int(m["epochs_completed"])
+    else:
+        row["epochs"] = int(params["train.epochs"]) if params.get("train.epochs", "").isdigit() else None
+    row["samples_per_sec"] = m.get("train_samples_per_sec", m.get("samples_per_sec"))
+    if row["samples_per_sec"] is not None and math.isnan(row["samples_per_sec"]):
+        row["samples_per_sec"] = None
+    end = run.info.end_time or (int(time.time() * 1000) if run.info.status == "RUNNING" else None)
+    row["wall_s"] = (end - run.info.start_time) / 1000 if end and run.info.start_time else None
+    return row, dev
+
+
+def fetch_runs(client, experiment=None, filter_string=None, run_ids=None, max_runs=200):
+    from mlflow.exceptions import MlflowException
+
+    if run_ids:
+        runs = []
+        for r in run_ids:
+            try:
+                runs.append(client.get_run(r))
+            except MlflowException as e:
+                raise CompareError(f"run {r}: {e.message}") from None
+        if filter_string:
+            raise CompareError("--filter applies to an experiment's runs; with --runs, list the runs you want")
+        return runs
+    name = experiment or "itr"
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise CompareError(f"no MLflow experiment {name!r} at {client.tracking_uri}; experiments there: "
+                           f"{', '.join(names) or 'none'}")
+    try:
+        return client.search_runs([exp.experiment_id], filter_string or "", max_results=max_runs)
+    except MlflowException as e:
+        raise CompareError(f"--filter {filter_string!r}: {e.message}") from None
+
+
+def _fmt(key, v):
+    if v is None or v == "":
+        return "-"
+    if key == "wall_s":
+        s = int(round(v))
+        return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    if key == "run_id":
+        return v[:8]
+    if key == "epochs":
+        return str(int(v))
+    if key == "samples_per_sec":
+        return f"{v:.0f}"
+    if key in NUMERIC:
+        return f"{v:.1f}"
+    return str(v)
+
+
+def _columns(rows):
+    cols = list(COLUMNS)
+    if any(r.get("sweep") for r in rows):
+        cols.insert(4, ("sweep", "sweep"))
+    return cols
+
+
+def format_table(rows):
+    cols = _columns(rows)
+    cells = [[h for _, h in cols]] + [[_fmt(k, r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = []
+    for j, line in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if cols[i][0] in NUMERIC else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(rows):
+    cols = _columns(rows)
+    out = ["| " + " | ".join(h for _, h in cols) + " |",
+           "|" + "|".join("---:" if k in NUMERIC else "---" for k, _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(k, r.get(k)).replace("|", "\\|") for k, _ in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_csv(rows, path):
+    cols = [k for k, _ in _columns(rows)] + ["status"]
+    with open(path, "w", newline="") as f:
+        w = csv_module.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r.get(k) is None else r.get(k) for k in cols])
+
+
+def compare(experiment=None, filter_string=None, run_ids=None, tracking_uri=None, csv=None, markdown=None, plot=None,
+            metric=None, max_runs=200, out=None):
+    """Print the comparison table of the selected runs (best rsum first); write CSV / Markdown / plot."""
+    from itr.tracking import connect, resolve_uri
+
+    out = out or sys.stdout
+    client = connect(resolve_uri(tracking_uri))
+    runs = fetch_runs(client, experiment, filter_string, run_ids, max_runs)
+    if not runs:
+        raise CompareError(f"no runs matched (experiment {experiment or 'itr'}"
+                           + (f", filter {filter_string!r}" if filter_string else "") + ")")
+    pairs = [run_row(client, r, metric) for r in runs]
+    pairs.sort(key=lambda p: (p[0]["rsum"] is None, -(p[0]["rsum"] or 0.0)))
+    rows = [p[0] for p in pairs]
+    labels = {}
+    for r in rows:  # unique labels for the plot legend
+        r["label"] = r["run"] if r["run"] not in labels else f"{r['run']} ({r['run_id'][:6]})"
+        labels[r["label"]] = True
+    print(format_table(rows), file=out)
+    if csv:
+        write_csv(rows, csv)
+        print(f"wrote {csv}", file=out)
+    if markdown:
+        Path(markdown).write_text(format_markdown(rows))
+        print(f"wrote {markdown}", file=out)
+    if plot:
+        from itr.plots import compare_runs
+
+        compare_runs(rows, {r["label"]: dev for r, (_, dev) in zip(rows, pairs)}, plot, "rsum",
+                     f"{len(rows)} runs" + (f", experiment {experiment}" if experiment else ""))
+        print(f"wrote {plot}", file=out)
+    return rows

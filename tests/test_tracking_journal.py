@@ -1,0 +1,259 @@
+"""MLflow tracking without a server: what a run records, the journal and `itr sync`, `itr compare`, eval logging."""
+import json
+import os
+import time
+import warnings
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from mlflow.entities import Metric, RunTag
+
+from itr import tracking
+from itr.cli import main
+from itr.config import load_recipe
+from itr.eval.metrics import KEYS
+
+from conftest import ROOT, free_port, tiny_overrides
+
+DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory):
+    """Smaller than tiny_data: 5 steps of 32 pairs per epoch."""
+    from itr.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("micro"), splits=(("train", 32), ("dev", 20), ("test", 20)),
+                    dim=16, regions=4, seed=2)
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory):
+    """An empty MLflow sqlite database: creating one runs ~40 migrations (seconds), copying it does not."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.tracking.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(store_template, tmp_path):
+    """A fresh MLflow store in tmp_path/mlflow.db (the default store of a run started in tmp_path)."""
+    import shutil
+
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def micro_overrides(root, **extra):
+    return tiny_overrides(root, **{"data.images_per_shard": 16, "model.embed_dim": 16, "model.text.word_dim": 8,
+                                   "train.epochs": 1, "train.log_every": 1, **extra})
+
+
+def _cfg(uri, experiment="itr", run_name=None):
+    return SimpleNamespace(uri=uri, experiment=experiment, run_name=run_name)
+
+
+def test_training_records_environment_metrics_artifacts_and_eval_lines_up(micro_data, tmp_path, monkeypatch, store):
+    from itr.eval.job import run_eval
+    from itr.train import train
+
+    monkeypatch.setenv("ITR_SWEEP", "sweep-a")
+    run = tmp_path / "run"
+    res = train(load_recipe(DEMO, micro_overrides(micro_data)), run)
+    uri = store
+    client = mlflow.tracking.MlflowClient(uri)
+    r = client.get_run(res["run_id"])
+    tags, metrics = r.data.tags, r.data.metrics
+    assert tags["model"] == "vsepp" and tags["dataset"] == "synthetic" and tags["sweep"] == "sweep-a"
+    assert tags["git_commit"] == "unknown" or len(tags["git_commit"]) == 40
+    assert tags["git_dirty"] in ("true", "false", "unknown")
+    for pkg in ("torch", "accelerate", "transformers", "webdataset", "mlflow", "itr"):
+        assert tags[f"version.{pkg}"], pkg
+    assert tags["world_size"] == "1" and tags["nodes"] == "1" and tags["precision"] == "no"
+    assert tags["zero_stage"] == "none" and "torch.optim.Adam" in tags["optimizer_impl"]
+    assert len(tags["data.manifest_digest"]) == 16 and len(tags["data.manifest_sha256"]) == 16
+    assert tags["best_checkpoint"] == "artifact:best_checkpoint"
+    # per step: loss, lr, grad norm, throughput, memory; per epoch: every dev metric; test under both key styles
+    for key in ("loss", "lr", "grad_norm", "samples_per_sec", "cpu_rss_mb"):
+        assert len(client.get_metric_history(res["run_id"], key)) == 5, key
+    assert {f"dev_{k}" for k in KEYS} | {f"test_{k}" for k in KEYS} | {f"test_1k_{k}" for k in KEYS} <= set(metrics)
+    assert metrics["test_1k_rsum"] == metrics["test_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert metrics["train_samples_per_sec"] > 0 and metrics["cpu_rss_mb"] > 10
+    arts = {a.path for a in client.list_artifacts(res["run_id"])}
+    assert {"recipe.yaml", "results.json", "curves.png", "recall_at_k.png", "launch.json", "best_checkpoint"} <= arts
+    assert "best_checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(res["run_id"], "best_checkpoint")}
+    launch = json.loads((run / "launch.json").read_text())
+    assert launch["argv"] and launch["env"].get("ITR_SWEEP") == "sweep-a"
+    assert (run / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    ops = [rec["op"] for rec in tracking.read_journal(run / tracking.JOURNAL)]
+    assert ops[0] == "start" and ops[-1] == "end" and "offline" not in ops
+
+    # itr eval into the training run (another protocol) and into a new evaluation run: the same key names
+    run_eval(run / "best", micro_data, "test", protocol="5k", log_to_run=res["run_id"])
+    assert client.get_run(res["run_id"]).data.metrics["test_5k_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert main(["eval", str(run / "best"), "--data", str(micro_data), "--split", "test", "--log-run",
+                 "--run-name", "later-eval"]) == 0
+    ev = [x for x in client.search_runs([r.info.experiment_id]) if x.info.run_name == "later-eval"][0]
+    assert ev.data.metrics["test_1k_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert ev.data.tags["itr.kind"] == "eval" and ev.data.tags["train_run_id"] == res["run_id"]
+    assert ev.data.tags["model"] == "vsepp" and ev.data.params["model.name"] == "vsepp" and ev.info.status == "FINISHED"
+    assert {"eval/test_1k_metrics.json", "eval/test_1k_recall_at_k.png"} <= {
+        a.path for a in client.list_artifacts(ev.info.run_id, "eval")}
+    # and both line up in `itr compare` (training: test_*, evaluation run: its test_1k_*)
+    rows = tracking_compare(uri)
+    assert {row["run_id"]: row["rsum"] for row in rows} == pytest.approx(
+        {res["run_id"]: res["test"]["rsum"], ev.info.run_id: res["test"]["rsum"]})
+
+
+def tracking_compare(uri, **kw):
+    from itr.compare import compare
+
+    return compare(tracking_uri=uri, out=open(os.devnull, "w"), **kw)
+
+
+def test_a_large_checkpoint_is_only_referenced(tmp_path, monkeypatch, store):
+    ckpt = tmp_path / "best"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"0" * 300_000)
+    t = tracking.Tracker(_cfg(store), journal=tmp_path / tracking.JOURNAL)
+    monkeypatch.setenv("ITR_MLFLOW_MAX_ARTIFACT_MB", "0.1")
+    t.log_checkpoint(ckpt)
+    t.finish()
+    client = mlflow.tracking.MlflowClient(t.uri)
+    tags = client.get_run(t.run_id).data.tags
+    assert tags["best_checkpoint"].startswith("reference:") and tags["best_checkpoint.path"].endswith(str(ckpt))
+    assert client.list_artifacts(t.run_id) == []
+
+
+def test_unreachable_server_keeps_a_journal_fast_and_sync_uploads_it_once(tmp_path, monkeypatch, store):
+    for k in tracking.HTTP_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    dead = f"http://127.0.0.1:{free_port()}"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = tracking.Tracker(_cfg(dead, run_name="offline-run"), journal=tmp_path / "run" / tracking.JOURNAL)
+        t.log_params({"optim.lr": 0.1, "model.name": "vsepp"})
+        t.set_tags({"model": "vsepp"})
+        for step in (1, 2, 3):
+            t.log_metrics({"loss": 1.0 / step, "grad_norm": float("nan")}, step=step)
+        t.log_metrics({"dev_rsum": 100.0}, step=1)
+        (tmp_path / "run" / "results.json").write_text("{}")
+        t.log_artifact(tmp_path / "run" / "results.json")
+        t.finish()
+    elapsed = time.perf_counter() - t0
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
+    assert elapsed < 20, f"an unreachable server stalled the tracker for {elapsed:.0f} s"
+    msgs = " ".join(str(x.message) for x in w)
+    assert "MLflow unavailable at start" in msgs and "itr sync" in msgs
+    assert t.run_id is None and not t.online
+
+    assert main(["sync", str(tmp_path / "run"), "--tracking-uri", store]) == 0
+    first = tracking.sync(tmp_path / "run", uri=store, quiet=True)  # again: nothing new, same run
+    assert first[0]["metrics"] == first[0]["params"] == first[0]["artifacts"] == 0 and not first[0]["created"]
+    client = mlflow.tracking.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("itr").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == first[0]["run_id"]
+    r = runs[0]
+    assert r.info.run_name == "offline-run" and r.info.status == "FINISHED"
+    assert r.data.params == {"optim.lr": "0.1", "model.name": "vsepp"} and r.data.tags["model"] == "vsepp"
+    assert [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert len(client.get_metric_history(r.info.run_id, "grad_norm")) == 3
+    assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["results.json"]
+
+
+def test_sync_fills_in_what_a_run_missed_after_the_store_failed(tmp_path, store):
+    t = tracking.Tracker(_cfg(store), journal=tmp_path / tracking.JOURNAL)
+    t.log_metrics({"loss": 3.0}, step=1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t.client = SimpleNamespace(**{name: _boom for name in ("log_batch", "log_artifact", "set_terminated")})
+        t.log_metrics({"loss": 2.0}, step=2)  # fails: warns once, goes offline
+        t.log_metrics({"loss": 1.0}, step=3)
+        t.finish()
+    assert sum("training continues" in str(x.message) for x in w) == 1
+    client = mlflow.tracking.MlflowClient(store)
+    assert [m.value for m in client.get_metric_history(t.run_id, "loss")] == [3.0]
+    assert client.get_run(t.run_id).info.status == "RUNNING"
+    out = tracking.sync(tmp_path, quiet=True)  # the journal's own URI
+    assert out[0]["run_id"] == t.run_id and out[0]["metrics"] == 2 and not out[0]["created"]
+    assert sorted(m.value for m in client.get_metric_history(t.run_id, "loss")) == [1.0, 2.0, 3.0]
+    assert client.get_run(t.run_id).info.status == "FINISHED"
+
+
+def _boom(*a, **kw):
+    raise ConnectionError("server gone")
+
+
+def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0):
+    run = client.create_run(exp_id, run_name=name, tags={"model": "vsepp", "dataset": "synthetic", "sweep": sweep})
+    metrics = [Metric("train_samples_per_sec", sps, 0, 0)]
+    for epoch, rsum in enumerate(dev, 1):
+        metrics += [Metric("dev_rsum", rsum, epoch, epoch)] + [Metric(f"dev_{k}", rsum / 6, epoch, epoch)
+                                                             for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")]
+    if test is not None:
+        metrics += [Metric(f"test_{k}", test / 6, 0, 0) for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")]
+        metrics.append(Metric("test_rsum", test, 0, 0))
+    client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag("x", "1")])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_compare_sorts_by_rsum_and_writes_csv_markdown_and_plot(tmp_path, capsys, store):
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.create_experiment("itr")
+    low = _fake_run(client, exp, "low", test=300.0, dev=(200.0, 250.0))
+    high = _fake_run(client, exp, "high", test=450.0, dev=(300.0, 400.0, 420.0))
+    devonly = _fake_run(client, exp, "dev-only", dev=(100.0, 350.0, 320.0))
+    other = _fake_run(client, exp, "other-sweep", test=500.0, sweep="t")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--tracking-uri", store, "--filter", "tags.sweep = 's'", "--csv", f"{out}.csv",
+                 "--markdown", f"{out}.md", "--plot", f"{out}.png"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("high") < printed.index("dev-only") < printed.index("low") and "other-sweep" not in printed
+    lines = open(f"{out}.csv").read().splitlines()
+    assert lines[0].startswith("run,run_id,model,dataset,sweep,metric,rsum,i2t_R1")
+    assert [line.split(",")[1] for line in lines[1:]] == [high, devonly, low]
+    assert lines[2].split(",")[5] == "dev (epoch 2)" and float(lines[2].split(",")[6]) == 350.0
+    assert float(lines[1].split(",")[-4]) == 3  # epochs: from the dev history
+    md = open(f"{out}.md").read().splitlines()
+    assert md[0].startswith("| run | id | model |") and len(md) == 5 and "| 450.0 |" in md[2]
+    assert open(f"{out}.png", "rb").read(4) == b"\x89PNG"
+    rows = tracking_compare(store, run_ids=[low, other])
+    assert [r["run_id"] for r in rows] == [other, low]
+
+
+def test_compare_and_sync_errors_are_one_line(tmp_path, capsys, store):
+    assert main(["compare", "--tracking-uri", store, "--experiment", "nope"]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--tracking-uri", store, "--runs", "0123456789abcdef"]) == 2
+    assert main(["sync", str(tmp_path)]) == 2
+    assert "nothing to sync" in capsys.readouterr().err
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["compare", "--tracking-uri", dead]) == 2
+    assert f"cannot reach the MLflow tracking store {dead}" in capsys.readouterr().err
+
+
+def test_a_server_that_never_answers_costs_one_short_timeout(tmp_path, monkeypatch):
+    """A port that accepts connections but never replies: the request timeout (the user's, here 2 s) bounds the
+    stall, and only the first call pays it."""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = tracking.Tracker(_cfg(f"http://127.0.0.1:{sock.getsockname()[1]}"), journal=tmp_path / tracking.JOURNAL)
+            start = time.perf_counter() - t0
+            for step in range(20):
+                t.log_metrics({"loss": 1.0}, step=step)
+            t.finish()
+        total = time.perf_counter() - t0
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and not t.online
+    assert start < 12 and total - start < 1, (start, total)
+    assert len(tracking.read_journal(tmp_path / tracking.JOURNAL)) == 2 + 20 + 1  # start, offline, metrics, end
