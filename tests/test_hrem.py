@@ -288,7 +288,7 @@ def test_accumulation_gives_the_whole_batch_gradients(loss):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["trip", "vse"])
+@pytest.mark.parametrize("loss", ["trip"])  # the vse variant shares the gather path (its loss is tested above)
 def test_two_ranks_give_the_whole_batch_gradients(tmp_path, loss):
     ref = _in_process(1, loss)
     _same(_launched(tmp_path, 2, 1, loss), ref)
