@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from itr.config import load_recipe
+from itr.eval.metrics import KEYS
 from itr.data.loader import collate_tokens
 from itr.models import build_model, make_tokenizer
 from itr.models.tgdt import matrix_hinge, mrsw
@@ -236,6 +237,17 @@ def test_train_one_epoch_then_the_checkpoint_evaluates_the_same_in_every_mode(ti
         got[mode], sims = evaluate_model(model, split, tok, recipe.eval)
         assert got[mode]["rsum"] > 0
     assert got["sum"] == pytest.approx(res["test"])  # the recipe's mode
+    # two-stage through `itr eval`: a shortlist of every caption reranks exactly like full scoring
+    # (test split: 40 images, 200 captions); a short one loses recall, and the JSON records both
+    full = run_eval(tmp_path / "run" / "best", tiny_data, "test", two_stage=200)
+    assert {k: full[k] for k in KEYS} == pytest.approx(res["test"])
+    short = run_eval(tmp_path / "run" / "best", tiny_data, "test", two_stage=2, compare_full=True,
+                     json_out=tmp_path / "two.json")
+    record = json.loads((tmp_path / "two.json").read_text())
+    assert record["two_stage"]["k"] == 2 and record["two_stage"]["full"]["rsum"] == pytest.approx(res["test"]["rsum"])
+    # ranks are 0 or 1 inside a shortlist of 2, and a ground truth outside it is never a hit
+    assert short["i2t_R5"] == short["i2t_R10"] and short["t2i_R5"] == short["t2i_R10"]
+    assert record["two_stage"]["rsum_lost"] == pytest.approx(record["two_stage"]["full"]["rsum"] - short["rsum"])
 
 
 @pytest.mark.slow
