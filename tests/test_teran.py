@@ -23,7 +23,7 @@ CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a 
 
 
 def _model(bert, *overrides, img_dim=12):
-    r = load_recipe(RECIPE, ["model.embed_dim=16", "model.heads=2", "model.image_layers=1", "model.layers=1",
+    r = load_recipe(RECIPE, ["loss.warmup_epochs=0", "model.embed_dim=16", "model.heads=2", "model.image_layers=1", "model.layers=1",
                              "model.ff_dim=32", "model.text_layers=0", f"model.text.path={bert}", "model.text.freeze=false",
                              *overrides])
     tok = make_tokenizer(r, captions=CAPS)
