@@ -41,6 +41,11 @@ from itr.tracking import (JOURNAL, end_active, launch_info, make_tracker, memory
                           run_name, run_tags)
 
 
+# Seconds to sleep after every optimizer step: a rehearsal aid that stretches a tiny run so that a
+# preemption / time-limit signal lands mid-training (the SLURM tests use it; weights are unaffected).
+STEP_DELAY = float(os.environ.get("ITR_STEP_DELAY", "0") or 0)
+
+
 class Stop:
     """Set by SIGTERM / SIGUSR1 (preemption, time limits): checkpoint at the next step and exit."""
 
@@ -309,6 +314,8 @@ def _train(recipe, out_dir, stop):
             state["global_step"] += 1
             state["micro_in_epoch"] += t.grad_accum
             bar.update(1)
+            if STEP_DELAY:
+                time.sleep(STEP_DELAY)
 
             if state["global_step"] % t.log_every == 0:
                 total = all_reduce_sum(loss_sum).item()

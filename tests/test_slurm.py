@@ -4,6 +4,7 @@ Trainings are tiny (tiny_data); what is checked is the plumbing: ranks over 2 no
 evaluation job, preemption / time-limit signals -> checkpoint -> requeue -> resume with the weights of
 an uninterrupted run (bitwise), submitit jobs, arrays and their MLflow runs.
 """
+import contextlib
 import json
 import os
 import re
@@ -103,6 +104,17 @@ def wait_step(out, k, job, log, timeout=120):
     raise AssertionError(f"{out} never reached step {k} (job {job}: {state(job)})\n{Path(log).read_text()[-4000:]}")
 
 
+@contextlib.contextmanager
+def step_delay(seconds="0.15"):
+    """Jobs submitted inside sleep this long after each step (ITR_STEP_DELAY, exported by sbatch):
+    100 tiny steps otherwise finish in ~3 s, before a signal sent at step CUT can land."""
+    os.environ["ITR_STEP_DELAY"] = seconds
+    try:
+        yield
+    finally:
+        del os.environ["ITR_STEP_DELAY"]
+
+
 def overrides(data, **extra):
     return tiny_overrides(data, **{"train.batch_size": 16, "train.checkpoint_every": 5, **extra})
 
@@ -158,8 +170,9 @@ def test_a_preempted_multinode_job_requeues_and_ends_with_the_weights_of_an_unin
         slurm_env, reference, tiny_data, tmp_path):
     """Partition preemption (PreemptMode=REQUEUE): SIGTERM -> checkpoint -> SLURM requeues -> resume."""
     out, log = tmp_path / "run", tmp_path / "job.log"
-    job = sbatch("-N", "2", "-p", "low", "--exclusive", "-o", log, ROOT / "slurm" / "multinode.sbatch", DEMO,
-                 *overrides(tiny_data), "train.world_size=2", "tracking.enabled=false", "--out", out)
+    with step_delay():
+        job = sbatch("-N", "2", "-p", "low", "--exclusive", "-o", log, ROOT / "slurm" / "multinode.sbatch", DEMO,
+                     *overrides(tiny_data), "train.world_size=2", "tracking.enabled=false", "--out", out)
     wait_step(out, CUT, job, log)
     urgent = sbatch("-N", "2", "-p", "urgent", "--exclusive", "-o", tmp_path / "urgent.log", "--wrap", "sleep 1")
     assert wait_job(urgent, timeout=60) in ("COMPLETED", "GONE")
@@ -202,13 +215,15 @@ def interrupted(cluster, reference, tiny_data, tmp_path_factory):
     s = {"out": d / "submit", "db": d / "mlflow.db"}
     os.environ["ITR_PROCS_PER_NODE"] = "2"
     try:
-        t["job"] = sbatch("-o", t["log"], ROOT / "slurm" / "train.sbatch", DEMO, *overrides(tiny_data),
-                          "train.world_size=2", "tracking.enabled=false", "--out", t["out"])
+        with step_delay():
+            t["job"] = sbatch("-o", t["log"], ROOT / "slurm" / "train.sbatch", DEMO, *overrides(tiny_data),
+                              "train.world_size=2", "tracking.enabled=false", "--out", t["out"])
     finally:
         del os.environ["ITR_PROCS_PER_NODE"]
-    (s["job"],), s["stdout"] = submit(DEMO, *overrides(tiny_data), "train.world_size=2",
-                                      f"tracking.uri=sqlite:///{s['db']}", "--out", s["out"], "--cluster", "slurm",
-                                      "--nodes", "2", "--time", "10")
+    with step_delay():
+        (s["job"],), s["stdout"] = submit(DEMO, *overrides(tiny_data), "train.world_size=2",
+                                          f"tracking.uri=sqlite:///{s['db']}", "--out", s["out"], "--cluster",
+                                          "slurm", "--nodes", "2", "--time", "10")
     s["log"] = s["out"] / "submitit" / f"{s['job']}_0_log.out"
     for run, how in ((t, ["--batch", "--signal=USR1"]), (s, ["--signal=USR2"])):
         wait_step(run["out"], CUT, run["job"], run["log"])
