@@ -51,6 +51,7 @@ from itr.distributed import gather_padded, is_distributed
 from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import l2norm, length_mask, text_entry
+from itr.modules.losses import hinge_from_scores
 from itr.registry import MODELS
 
 # Sub-chunk budget of the batched all-pairs local scores: (images x captions x regions x words) elements.
@@ -70,27 +71,8 @@ def token_candidates(criterion, emb):
     return out, torch.distributed.get_rank() * n
 
 
-def matrix_hinge(s_i2t, s_t2i, img_ids, ids_all, offset, margin, max_violation, mask_same_image):
-    """VSE++ bidirectional hinge on precomputed score matrices, summed over this rank's queries.
-
-    ``s_i2t`` (n, M): this rank's image queries x all candidate captions; ``s_t2i`` (n, M): this
-    rank's caption queries x all candidate images; the positive of query i is column offset + i.
-    Same masking as ``itr.modules.losses.hinge_loss``.
-    """
-    n, m = s_i2t.shape
-    rows = torch.arange(n, device=s_i2t.device)
-    if mask_same_image:
-        not_neg = img_ids[:, None] == ids_all[None, :]
-    else:
-        not_neg = torch.zeros(n, m, dtype=torch.bool, device=s_i2t.device)
-    not_neg[rows, offset + rows] = True
-    pos_i, pos_c = s_i2t[rows, offset + rows], s_t2i[rows, offset + rows]
-    zero = s_i2t.new_zeros(())
-    cost_c = torch.where(not_neg, zero, (margin + s_i2t - pos_i[:, None]).clamp(min=0))
-    cost_i = torch.where(not_neg, zero, (margin + s_t2i - pos_c[:, None]).clamp(min=0))
-    if max_violation:
-        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
-    return cost_c.sum() + cost_i.sum()
+# the VSE++ hinge on precomputed score matrices, shared with SCAN / TERAN (DIME imports it from here)
+matrix_hinge = hinge_from_scores
 
 
 def max_violation(criterion, epoch):

@@ -40,6 +40,30 @@ def hinge_loss(img, cap, img_ids, margin=0.2, max_violation=True, mask_same_imag
     return cost_c.sum() + cost_i.sum()
 
 
+def hinge_from_scores(s_i2t, s_t2i, img_ids, ids_all, offset=0, margin=0.2, max_violation=True, mask_same_image=True):
+    """VSE++ hinge summed over this rank's queries, on precomputed score matrices (cross-attention models).
+
+    ``s_i2t`` (n, N): this rank's images against the candidate captions; ``s_t2i`` (n, N): this rank's
+    captions against the candidate images; the positive pair of query k is candidate ``offset + k``.
+    Same semantics as ``itr.modules.losses.hinge_loss`` (same-image masking, hardest negative or sum).
+    """
+    n, m = s_i2t.shape
+    ar = torch.arange(n, device=s_i2t.device)
+    pos_i = s_i2t[ar, offset + ar]
+    pos_t = s_t2i[ar, offset + ar]
+    if mask_same_image:
+        not_neg = img_ids[:, None] == ids_all[None, :]
+    else:
+        not_neg = torch.zeros(n, m, dtype=torch.bool, device=s_i2t.device)
+    not_neg[ar, offset + ar] = True
+    zero = torch.zeros((), dtype=s_i2t.dtype, device=s_i2t.device)
+    cost_c = torch.where(not_neg, zero, (margin + s_i2t - pos_i[:, None]).clamp(min=0))
+    cost_i = torch.where(not_neg, zero, (margin + s_t2i - pos_t[:, None]).clamp(min=0))
+    if max_violation:
+        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
+    return cost_c.sum() + cost_i.sum()
+
+
 class ContrastiveLoss(torch.nn.Module):
     """Base for losses over (image, caption) embeddings with in-batch negatives.
 

@@ -2,7 +2,7 @@
 
 - ``tiled_pairs``: evaluates a batched all-pairs scorer ``fn(img (ni, R, d), words (nc, L, d), lens (nc,))``
   on sub-chunks of a tile so that the (ni, nc, R, L) intermediates stay under ``budget`` elements.
-- ``hinge_on_scores``: the VSE++ bidirectional hinge (``itr.modules.losses.hinge_loss``) on precomputed
+- ``hinge_on_scores`` (= ``itr.modules.losses.hinge_from_scores``): the VSE++ bidirectional hinge on precomputed
   score matrices, for models whose similarity is not a dot product of global embeddings.
 - ``xattn_batch_loss``: the loss of this rank's queries against the global batch for such models:
   candidates are gathered with gradients (``gather_padded``; word features are zero-padded to the
@@ -11,6 +11,7 @@
 import torch
 
 from itr.distributed import gather_no_grad, gather_padded, is_distributed
+from itr.modules.losses import hinge_from_scores as hinge_on_scores  # noqa: F401  (re-exported)
 
 
 def word_mask(lens, max_len):
@@ -40,30 +41,6 @@ def tiled_pairs(fn, img, words, lens, budget):
             i1 = min(ni, i0 + bi)
             out[i0:i1, c0:c1] = fn(img[i0:i1], w, ln)
     return out
-
-
-def hinge_on_scores(s_i2t, s_t2i, img_ids, ids_all, offset=0, margin=0.2, max_violation=True, mask_same_image=True):
-    """VSE++ hinge summed over this rank's queries, on score matrices.
-
-    ``s_i2t`` (n, N): this rank's images against the candidate captions; ``s_t2i`` (n, N): this rank's
-    captions against the candidate images; the positive pair of query k is candidate ``offset + k``.
-    Same semantics as ``itr.modules.losses.hinge_loss`` (same-image masking, hardest negative or sum).
-    """
-    n, m = s_i2t.shape
-    ar = torch.arange(n, device=s_i2t.device)
-    pos_i = s_i2t[ar, offset + ar]
-    pos_t = s_t2i[ar, offset + ar]
-    if mask_same_image:
-        not_neg = img_ids[:, None] == ids_all[None, :]
-    else:
-        not_neg = torch.zeros(n, m, dtype=torch.bool, device=s_i2t.device)
-    not_neg[ar, offset + ar] = True
-    zero = torch.zeros((), dtype=s_i2t.dtype, device=s_i2t.device)
-    cost_c = torch.where(not_neg, zero, (margin + s_i2t - pos_i[:, None]).clamp(min=0))
-    cost_i = torch.where(not_neg, zero, (margin + s_t2i - pos_t[:, None]).clamp(min=0))
-    if max_violation:
-        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
-    return cost_c.sum() + cost_i.sum()
 
 
 def xattn_batch_loss(scores, img, cap, cap_lens, img_ids, criterion, epoch):
