@@ -130,47 +130,41 @@ def _transformer_layers(backbone):
     return layers
 
 
-def hf_backbone(cfg):
-    """A local transformers model for ``cfg`` (path, freeze, freeze_layers, grad_checkpointing), without the
-    pooler: never used, and an unused trained parameter stalls DDP's reducer. A checkpoint's text_model/
-    holds the config only; the weights then come from the checkpoint."""
-    from transformers import AutoConfig, AutoModel
-
-    path = resolve_hf_path(cfg.path)
-    if any((Path(path) / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
-        backbone = AutoModel.from_pretrained(path, local_files_only=True)
-    else:
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-    if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None
-    if cfg.freeze:
-        backbone.requires_grad_(False)
-    elif cfg.freeze_layers:
-        layers = _transformer_layers(backbone)
-        if cfg.freeze_layers > len(layers):
-            raise ConfigError(f"model.text.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} layers")
-        backbone.get_input_embeddings().requires_grad_(False)
-        for layer in layers[: cfg.freeze_layers]:
-            layer.requires_grad_(False)
-        emb = getattr(backbone, "embeddings", None)
-        if emb is not None:  # position / token-type embeddings and their LayerNorm too
-            emb.requires_grad_(False)
-    if cfg.grad_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return backbone
-
-
 @TEXT_ENCODERS.register("hf", HFTextConfig)
 class HFTextEncoder(nn.Module):
     """A local transformers encoder (BERT family) -> token projection -> pool -> L2."""
 
     def __init__(self, cfg: HFTextConfig, vocab_size: int, embed_dim: int):
         super().__init__()
+        from transformers import AutoModel
+
         if cfg.pool not in ("mean", "cls"):
             raise ConfigError(f"model.text.pool must be mean or cls, got {cfg.pool!r}")
         self.cfg = cfg
-        self.backbone = hf_backbone(cfg)
+        path = resolve_hf_path(cfg.path)
+        if any((Path(path) / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
+            self.backbone = AutoModel.from_pretrained(path, local_files_only=True)
+        else:  # a checkpoint's text_model/: config only, the weights come from the checkpoint
+            from transformers import AutoConfig
+
+            self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # never used: an unused trained parameter stalls DDP's reducer
         self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
+        if cfg.freeze:
+            self.backbone.requires_grad_(False)
+        elif cfg.freeze_layers:
+            layers = _transformer_layers(self.backbone)
+            if cfg.freeze_layers > len(layers):
+                raise ConfigError(f"model.text.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} layers")
+            self.backbone.get_input_embeddings().requires_grad_(False)
+            for layer in layers[: cfg.freeze_layers]:
+                layer.requires_grad_(False)
+            emb = getattr(self.backbone, "embeddings", None)
+            if emb is not None:  # position / token-type embeddings and their LayerNorm too
+                emb.requires_grad_(False)
+        if cfg.grad_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, ids, lens):
         mask = length_mask(lens, ids.shape[1])
