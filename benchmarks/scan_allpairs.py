@@ -21,11 +21,23 @@ import torch
 import torch.nn as nn
 
 
-def make_inputs(n_img, n_cap, regions, dim, words, seed=0):
+def caption_lengths(path):
+    """Token counts of a SCAN precomp ``*_caps.txt`` (whitespace words + <start> and <end>, as SCAN's data.py)."""
+    with open(path) as f:
+        lens = [len(line.split()) + 2 for line in f if line.strip()]
+    if not lens:
+        raise SystemExit(f"{path}: no captions")
+    return torch.tensor(lens)
+
+
+def make_inputs(n_img, n_cap, regions, dim, words, seed=0, lengths=None):
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(n_img, regions, dim, generator=g)
     img = img / (img.norm(dim=-1, keepdim=True) + 1e-8)
-    lens = torch.randint(max(2, words - 4), words + 5, (n_cap,), generator=g)  # ~words on average
+    if lengths is None:
+        lens = torch.randint(max(2, words - 4), words + 5, (n_cap,), generator=g)  # ~words on average
+    else:  # drawn from a real caption-length distribution
+        lens = lengths[torch.randint(0, len(lengths), (n_cap,), generator=g)]
     L = int(lens.max())
     cap = torch.randn(n_cap, L, dim, generator=g)
     cap = cap / (cap.norm(dim=-1, keepdim=True) + 1e-8)
@@ -98,7 +110,7 @@ def shard_xattn_t2i(images, captions, caplens, lambda_softmax, lambda_lse, shard
 def ours(args, rank=0, world=1):
     from itr.eval.scores import similarity_matrix
 
-    img, cap, lens = make_inputs(args.images, args.captions, args.regions, args.dim, args.words, args.seed)
+    img, cap, lens = make_inputs(args.images, args.captions, args.regions, args.dim, args.words, args.seed, args.lens)
     model = build_model(args.dim)
     t = time.perf_counter()
     sims = similarity_matrix(model.score, img, {"words": cap, "lens": lens}, chunk=args.chunk, rank=rank, world=world)
@@ -127,6 +139,9 @@ def main():
     p.add_argument("--regions", type=int, default=36)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--words", type=int, default=12, help="mean caption length (lengths uniform in words-4..words+4)")
+    p.add_argument("--lengths", default=None, metavar="CAPS_TXT",
+                   help="draw caption lengths from this SCAN *_caps.txt (e.g. ../shared/data/f8k_pooled/"
+                        "test_caps.txt) instead of uniform in words-4..words+4")
     p.add_argument("--chunk", type=int, default=1024, help="eval tile size (eval.chunk_size)")
     p.add_argument("--world", type=int, default=1, help="also run our path on this many processes (gloo)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in all")
@@ -134,13 +149,16 @@ def main():
     p.add_argument("--skip-reference", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.lens = caption_lengths(args.lengths) if args.lengths else None
+    if args.lens is not None:
+        args.words = f"{args.lens.float().mean():.1f} (max {int(args.lens.max())}, from {args.lengths})"
     print(f"SCAN t2i all pairs: {args.images} images x {args.captions} captions, {args.regions} regions x {args.dim}-d, "
           f"~{args.words} words; {args.threads} threads", flush=True)
 
     sims, t_ours = ours(args)
     print(f"ours (similarity_matrix + SCAN.score, tile {args.chunk}): {t_ours:.2f} s", flush=True)
     if not args.skip_reference:
-        img, cap, lens = make_inputs(args.images, args.captions, args.regions, args.dim, args.words, args.seed)
+        img, cap, lens = make_inputs(args.images, args.captions, args.regions, args.dim, args.words, args.seed, args.lens)
         t = time.perf_counter()
         ref = shard_xattn_t2i(img, cap, lens, 9.0, 6.0)
         t_ref = time.perf_counter() - t

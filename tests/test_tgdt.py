@@ -119,7 +119,9 @@ def test_sub_chunked_local_score_equals_one_chunk(monkeypatch):
     model, _ = _model()
     img, cap = _ragged(1)
     whole = model.local_score(img, cap)
-    monkeypatch.setattr(tgdt, "PAIR_BUDGET", 1)  # one caption per chunk
+    monkeypatch.setattr(tgdt, "LOCAL_BUDGET", 1)  # one image x one caption per call, padded regions sliced along
+    torch.testing.assert_close(model.local_score(img, cap), whole, rtol=0, atol=1e-6)
+    monkeypatch.setattr(tgdt, "LOCAL_BUDGET", 40)  # captions grouped by length, a few images at a time
     torch.testing.assert_close(model.local_score(img, cap), whole, rtol=0, atol=1e-6)
 
 

@@ -103,8 +103,15 @@ def scan_t2i(img, words, lens, lambda_softmax=9.0, lambda_lse=6.0, agg="LogSumEx
     valid = word_mask(lens, L)  # (nc, L)
     words = words * valid[..., None].to(words.dtype)
     s = _pair_dots(img, words)
-    a = raw_norm(s, norm, -1, valid)  # over the words (func_attention's queryL)
-    attn = torch.softmax(lambda_softmax * a, dim=1)  # over the regions
+    if norm in ("clipped_l2norm", "l2norm") and lambda_softmax <= 40:
+        # |a| <= 1, so exp(lambda (a - 1)) lies in [e^-80, 1]: no overflow, no underflow, no max pass. The
+        # softmax's normalizer scales the attended vector only, and the cosine does not see a scale.
+        a = F.leaky_relu(s, 0.1) if norm == "clipped_l2norm" else s
+        inv = lambda_softmax / (torch.linalg.vector_norm(a, dim=-1, keepdim=True) + 1e-8)
+        attn = torch.exp(a * inv - lambda_softmax)
+    else:
+        a = raw_norm(s, norm, -1, valid)  # over the words (func_attention's queryL)
+        attn = torch.softmax(lambda_softmax * a, dim=1)  # over the regions
     gram = img @ img.transpose(1, 2)  # (ni, R, R)
     g_attn = (gram @ attn.reshape(ni, R, nc * L)).view(ni, R, nc, L)
     cos = _cos((attn * s).sum(1), (attn * g_attn).sum(1), torch.linalg.vector_norm(words, dim=-1))  # (ni, nc, L)
@@ -140,7 +147,7 @@ class SCANConfig:
                                   + ", ".join(RAW_NORMS) + " (--raw_feature_norm)")
     img_norm: bool = param(True, "L2-normalize each region embedding (not --no_imgnorm)")
     txt_norm: bool = param(True, "L2-normalize each word embedding (not --no_txtnorm)")
-    score_budget: int = param(1 << 23, "most (pairs x regions x words) elements per batched scoring call; bounds memory")
+    score_budget: int = param(1 << 20, "most (pairs x regions x words) elements per batched scoring call; bounds memory")
     text: dict = component("gru_words", "text", "word-level text encoder: gru_words (--bi_gru: bidirectional, "
                                                 "directions averaged) or hf_words")
 

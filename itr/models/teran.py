@@ -90,7 +90,7 @@ class TERANConfig:
                                 "0: all)")
     drop_last_word: bool = param(True, "leave the token before [SEP] (the caption's final '.') out of the alignment, "
                                        "as models/loss.py s_seq[:, 1:-2] / s_len - 3")
-    score_budget: int = param(1 << 23, "most (pairs x regions x words) elements per batched scoring call; bounds memory")
+    score_budget: int = param(1 << 20, "most (pairs x regions x words) elements per batched scoring call; bounds memory")
     text: dict = component("hf_words", "text", "word-level text encoder: hf_words (a local BERT; the projection "
                                                "is TERAN's cap_proj)")
 

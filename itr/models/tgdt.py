@@ -52,10 +52,13 @@ from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import l2norm, length_mask, text_entry
 from itr.modules.losses import hinge_from_scores
+from itr.modules.xattn import tiled_pairs
 from itr.registry import MODELS
 
 # Sub-chunk budget of the batched all-pairs local scores: (images x captions x regions x words) elements.
 PAIR_BUDGET = 1 << 24
+# TGDT's local scores: length-grouped sub-chunks of ~4 MB intermediates stay in cache (docs/performance.md)
+LOCAL_BUDGET = 1 << 20
 
 
 # ----------------------------------------------------------------------------- shared helpers (DIME uses them too)
@@ -232,10 +235,10 @@ class TGDT(MatchingModel):
         """Scaled MrSw of the local tokens, (n_img, n_cap); captions in sub-chunks to bound memory."""
         reg, rl = img_emb["regions"], img_emb["lens"]
         words, wl = cap_emb["words"], cap_emb["lens"]
-        rmask, wmask = length_mask(rl, reg.shape[1]), length_mask(wl, words.shape[1])
-        out = [mrsw(reg, rmask, words[a:b], wmask[a:b])
-               for a, b in caption_chunks(reg.shape[0], words.shape[0], reg.shape[1] * max(1, words.shape[1]))]
-        s = torch.cat(out, dim=1) if out else reg.new_zeros(reg.shape[0], 0)
+        def one(im, w, ln):
+            return mrsw(im[0], im[1], w, length_mask(ln, w.shape[1]))
+
+        s = tiled_pairs(one, (reg, length_mask(rl, reg.shape[1])), words, wl, LOCAL_BUDGET)
         return self.cfg.local_scale * s
 
     def score(self, img_emb, cap_emb):
