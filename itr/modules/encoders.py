@@ -130,41 +130,57 @@ def _transformer_layers(backbone):
     return layers
 
 
+def load_backbone(cfg, without_pooler=False):
+    """The local transformers model of a text-encoder config (``path``, ``freeze``, ``freeze_layers``,
+    ``grad_checkpointing``), shared by the ``hf`` and ``hf_words`` encoders.
+
+    A directory without weights (a checkpoint's ``text_model/``) gives the architecture only: the weights
+    come from the checkpoint. ``without_pooler`` builds BERT without its pooler where the model class
+    takes ``add_pooling_layer``."""
+    from transformers import AutoConfig, AutoModel
+
+    path = resolve_hf_path(cfg.path)
+    has_weights = any((Path(path) / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
+    for kw in ({"add_pooling_layer": False}, {}) if without_pooler else ({},):
+        try:
+            if has_weights:
+                backbone = AutoModel.from_pretrained(path, local_files_only=True, **kw)
+            else:
+                backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True), **kw)
+            break
+        except TypeError:  # not every transformers model takes add_pooling_layer
+            if not kw:
+                raise
+    if cfg.freeze:
+        backbone.requires_grad_(False)
+    elif cfg.freeze_layers:
+        layers = _transformer_layers(backbone)
+        if cfg.freeze_layers > len(layers):
+            raise ConfigError(f"model.text.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} layers")
+        backbone.get_input_embeddings().requires_grad_(False)
+        for layer in layers[: cfg.freeze_layers]:
+            layer.requires_grad_(False)
+        emb = getattr(backbone, "embeddings", None)
+        if emb is not None:  # position / token-type embeddings and their LayerNorm too
+            emb.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return backbone
+
+
 @TEXT_ENCODERS.register("hf", HFTextConfig)
 class HFTextEncoder(nn.Module):
     """A local transformers encoder (BERT family) -> token projection -> pool -> L2."""
 
     def __init__(self, cfg: HFTextConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        from transformers import AutoModel
-
         if cfg.pool not in ("mean", "cls"):
             raise ConfigError(f"model.text.pool must be mean or cls, got {cfg.pool!r}")
         self.cfg = cfg
-        path = resolve_hf_path(cfg.path)
-        if any((Path(path) / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
-            self.backbone = AutoModel.from_pretrained(path, local_files_only=True)
-        else:  # a checkpoint's text_model/: config only, the weights come from the checkpoint
-            from transformers import AutoConfig
-
-            self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        self.backbone = load_backbone(cfg)
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # never used: an unused trained parameter stalls DDP's reducer
         self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
-        if cfg.freeze:
-            self.backbone.requires_grad_(False)
-        elif cfg.freeze_layers:
-            layers = _transformer_layers(self.backbone)
-            if cfg.freeze_layers > len(layers):
-                raise ConfigError(f"model.text.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} layers")
-            self.backbone.get_input_embeddings().requires_grad_(False)
-            for layer in layers[: cfg.freeze_layers]:
-                layer.requires_grad_(False)
-            emb = getattr(self.backbone, "embeddings", None)
-            if emb is not None:  # position / token-type embeddings and their LayerNorm too
-                emb.requires_grad_(False)
-        if cfg.grad_checkpointing:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, ids, lens):
         mask = length_mask(lens, ids.shape[1])

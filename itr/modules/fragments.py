@@ -12,7 +12,6 @@
   (B, L, embed) token features (not pooled, not normalized); positions >= length are padding.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itr.config import param
 from itr.errors import ConfigError
-from itr.modules.encoders import _transformer_layers, length_mask, resolve_hf_path
+from itr.modules.encoders import length_mask, load_backbone, resolve_hf_path
 from itr.registry import TEXT_ENCODERS
 
 # ----------------------------------------------------------------------------- image
@@ -232,38 +231,9 @@ class HFWordsEncoder(nn.Module):
 
     def __init__(self, cfg: HFWordsConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
         self.cfg = cfg
-        path = resolve_hf_path(cfg.path)
-        has_weights = any((Path(path) / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
-        kw = {"add_pooling_layer": False}
-        for attempt in (kw, {}):  # not every transformers model takes add_pooling_layer
-            try:
-                if has_weights:
-                    self.backbone = AutoModel.from_pretrained(path, local_files_only=True, **attempt)
-                else:  # a checkpoint's text_model/: config only, the weights come from the checkpoint
-                    self.backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
-                                                          **attempt)
-                break
-            except TypeError:
-                if not attempt:
-                    raise
+        self.backbone = load_backbone(cfg, without_pooler=True)
         self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
-        if cfg.freeze:
-            self.backbone.requires_grad_(False)
-        elif cfg.freeze_layers:
-            layers = _transformer_layers(self.backbone)
-            if cfg.freeze_layers > len(layers):
-                raise ConfigError(f"model.text.freeze_layers={cfg.freeze_layers} but the model has {len(layers)} layers")
-            self.backbone.get_input_embeddings().requires_grad_(False)
-            for layer in layers[: cfg.freeze_layers]:
-                layer.requires_grad_(False)
-            emb = getattr(self.backbone, "embeddings", None)
-            if emb is not None:
-                emb.requires_grad_(False)
-        if cfg.grad_checkpointing:
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, ids, lens):
         mask = length_mask(lens, ids.shape[1])
