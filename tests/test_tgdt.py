@@ -113,6 +113,17 @@ def test_three_modes_equal_a_per_pair_loop_and_ignore_padding(mode):
     torch.testing.assert_close(model.score(padded_img, padded), got, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["global", "local", "sum"])
+def test_pair_score_is_the_score_of_aligned_rows(mode):
+    model, _ = _model(f"model.test_mode={mode}")
+    img, cap = _ragged(2)
+    full = model.score(img, cap)  # (3, 4)
+    i = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    c = torch.tensor([3, 0, 1, 2, 1, 3, 3])
+    pairs = model.pair_score({k: v[i] for k, v in img.items()}, {k: v[c] for k, v in cap.items()})
+    torch.testing.assert_close(pairs, full[i, c], rtol=0, atol=1e-5)
+
+
 def test_sub_chunked_local_score_equals_one_chunk(monkeypatch):
     import itr.models.tgdt as tgdt
 

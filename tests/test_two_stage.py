@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from itr.eval.metrics import evaluate_sims
-from itr.eval.two_stage import shortlist, shortlist_ranks, two_stage_metrics
+from itr.eval.two_stage import rerank, shortlist, shortlist_ranks, two_stage_metrics
 from conftest import free_port
 
 
@@ -23,6 +23,14 @@ class Toy:
     @staticmethod
     def score(img, cap):
         return img["v"] @ cap["v"].t() + 0.1 * img["b"][:, None]
+
+
+class PairToy(Toy):
+    """Toy with ``pair_score``: the rerank batches many queries per call."""
+
+    @staticmethod
+    def pair_score(img, cap):
+        return (img["v"] * cap["v"]).sum(-1) + 0.1 * img["b"]
 
 
 def _data(n=20, seed=0):
@@ -39,6 +47,23 @@ def test_a_shortlist_of_every_candidate_equals_full_scoring(protocol):
     full = evaluate_sims(Toy.score(img, cap).numpy(), protocol)
     for key in ("i2t_R1", "i2t_R5", "i2t_R10", "i2t_meanr", "t2i_R1", "t2i_R5", "t2i_meanr", "rsum"):
         assert two[key] == pytest.approx(full[key]), key
+
+
+@pytest.mark.parametrize("per_call", [1, 7, 10 ** 6])
+def test_batched_pair_rerank_equals_one_call_per_query(per_call):
+    img, cap = _data(n=9, seed=2)
+    glob = Toy.global_score(img, cap).numpy()
+    i2t_idx, t2i_idx = shortlist(glob, 6), shortlist(glob.T, 4)
+    one = rerank(Toy.score, img, cap, i2t_idx, t2i_idx)
+    # per_call 7: groups of one query (K = 6) ... 10 ** 6: every image and caption query in one group
+    batched = rerank(Toy.score, img, cap, i2t_idx, t2i_idx, pair_fn=PairToy.pair_score, pairs_per_call=per_call)
+    for a, b in zip(one, batched):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    assert float(one[0].abs().min()) > 0 and float(one[1].abs().min()) > 0  # every entry was filled
+    m1 = two_stage_metrics(Toy, img, cap, k=4, protocol="1k", chunk=4)
+    m2 = two_stage_metrics(PairToy, img, cap, k=4, protocol="1k", chunk=4)
+    for key in ("i2t_R1", "i2t_R5", "i2t_meanr", "t2i_R1", "t2i_R5", "t2i_meanr", "rsum"):
+        assert m1[key] == pytest.approx(m2[key]), key
 
 
 def test_a_ground_truth_outside_the_shortlist_is_a_miss_at_every_k():

@@ -5,8 +5,9 @@ and an expensive one (``model.score``: cross-attention, or TGDT's global + local
 
 1. the global score of every pair, in tiles dealt to the ranks (``similarity_matrix``);
 2. per query, the K best candidates by the global score (ties: smaller index first);
-3. the full ``model.score`` of each query against its K candidates only; the queries are dealt
-   round robin to the ranks and the (queries x K) scores summed back onto rank 0;
+3. the full ``model.score`` of each query against its K candidates only (batched over many queries
+   with ``model.pair_score``, the score of aligned rows, where the model has one); the queries are
+   dealt round robin to the ranks and the (queries x K) scores summed back onto rank 0;
 4. ranks inside the shortlist by the reranked score. A ground truth outside the shortlist is
    never a hit: it gets the last rank (``n_candidates - 1``), so R@k counts it as a miss for
    every k, and medr / meanr become upper bounds. (TGDT's reference code counted such a miss as
@@ -46,21 +47,42 @@ def _broadcast(t, rank, world):
 
 
 @torch.no_grad()
-def rerank(score_fn, img, cap, i2t_idx, t2i_idx, device="cpu", rank=0, world=1, progress=False):
+def rerank(score_fn, img, cap, i2t_idx, t2i_idx, device="cpu", rank=0, world=1, progress=False, pair_fn=None,
+           pairs_per_call=4096):
     """``score_fn`` of every query against its shortlist: (n, K) for image queries, (m, K) for caption
-    queries, complete on rank 0. ``i2t_idx`` / ``t2i_idx`` index ``cap`` / ``img``."""
+    queries, complete on rank 0. ``i2t_idx`` / ``t2i_idx`` index ``cap`` / ``img``.
+
+    With ``pair_fn`` (a model's ``pair_score``: the score of image row p with caption row p) the
+    (query, candidate) pairs of many queries go in one batched call of ~``pairs_per_call`` pairs;
+    otherwise one ``score_fn`` call per query (1 x K or K x 1)."""
     from tqdm import tqdm
 
     n, m = i2t_idx.shape[0], t2i_idx.shape[0]
     out_i2t = torch.zeros(i2t_idx.shape, dtype=torch.float32)
     out_t2i = torch.zeros(t2i_idx.shape, dtype=torch.float32)
     mine = list(range(rank, n + m, world))
-    for q in tqdm(mine, desc="rerank shortlists", disable=not progress, leave=False, unit="query"):
-        if q < n:
-            out_i2t[q] = score_fn(rows(img, q, q + 1, device), take(cap, i2t_idx[q], device)).float().cpu()[0]
-        else:
-            j = q - n
-            out_t2i[j] = score_fn(take(img, t2i_idx[j], device), rows(cap, j, j + 1, device)).float().cpu()[:, 0]
+    if pair_fn is not None:
+        k_max = max(i2t_idx.shape[1], t2i_idx.shape[1], 1)
+        step = max(1, pairs_per_call // k_max)
+        groups = [mine[a:a + step] for a in range(0, len(mine), step)]
+        for group in tqdm(groups, desc="rerank shortlists", disable=not progress, leave=False, unit="batch"):
+            qi = torch.tensor([q for q in group if q < n], dtype=torch.long)
+            qc = torch.tensor([q - n for q in group if q >= n], dtype=torch.long)
+            if len(qi):  # image queries: the image repeated against each of its K candidates
+                K = i2t_idx.shape[1]
+                s = pair_fn(take(img, qi.repeat_interleave(K), device), take(cap, i2t_idx[qi].reshape(-1), device))
+                out_i2t[qi] = s.float().cpu().view(len(qi), K)
+            if len(qc):
+                K = t2i_idx.shape[1]
+                s = pair_fn(take(img, t2i_idx[qc].reshape(-1), device), take(cap, qc.repeat_interleave(K), device))
+                out_t2i[qc] = s.float().cpu().view(len(qc), K)
+    else:
+        for q in tqdm(mine, desc="rerank shortlists", disable=not progress, leave=False, unit="query"):
+            if q < n:
+                out_i2t[q] = score_fn(rows(img, q, q + 1, device), take(cap, i2t_idx[q], device)).float().cpu()[0]
+            else:
+                j = q - n
+                out_t2i[j] = score_fn(take(img, t2i_idx[j], device), rows(cap, j, j + 1, device)).float().cpu()[:, 0]
     if world > 1:  # every entry has exactly one owner: the sum is exact
         dist.all_reduce(out_i2t)
         dist.all_reduce(out_t2i)
@@ -113,7 +135,8 @@ def two_stage_metrics(model, img, cap, k, protocol="1k", chunk=1024, device="cpu
         i2t_idx, t2i_idx = _broadcast(i2t_idx, rank, world), _broadcast(t2i_idx, rank, world)
         fold_img = rows(img, i0, i1)
         fold_cap = rows(cap, j0, j1)
-        s_i2t, s_t2i = rerank(model.score, fold_img, fold_cap, i2t_idx, t2i_idx, device, rank, world, progress)
+        s_i2t, s_t2i = rerank(model.score, fold_img, fold_cap, i2t_idx, t2i_idx, device, rank, world, progress,
+                              pair_fn=getattr(model, "pair_score", None))
         if rank == 0:
             gt_caps = caps_per_image * torch.arange(f)[:, None] + torch.arange(caps_per_image)[None]
             gt_imgs = (torch.arange(j1 - j0) // caps_per_image)[:, None]

@@ -241,6 +241,19 @@ class TGDT(MatchingModel):
         s = tiled_pairs(one, (reg, length_mask(rl, reg.shape[1])), words, wl, LOCAL_BUDGET)
         return self.cfg.local_scale * s
 
+    def pair_score(self, img_emb, cap_emb):
+        """``score`` of image row p with caption row p, (P,): the two-stage rerank batches the shortlists of
+        many queries into one call instead of one ``score`` call per query."""
+        mode = self.cfg.test_mode
+        glob = (img_emb["glob"] * cap_emb["glob"]).sum(-1)
+        if mode == "global":
+            return glob
+        reg, words = img_emb["regions"], cap_emb["words"]
+        rmask, wmask = length_mask(img_emb["lens"], reg.shape[1]), length_mask(cap_emb["lens"], words.shape[1])
+        a = torch.einsum("prd,pld->prl", reg, words).masked_fill(~rmask[:, :, None], float("-inf")).amax(1)
+        loc = self.cfg.local_scale * a.masked_fill(~wmask, 0.0).sum(-1)
+        return loc if mode == "local" else glob + loc
+
     def score(self, img_emb, cap_emb):
         mode = self.cfg.test_mode
         if mode == "global":
