@@ -35,15 +35,17 @@ def test_zero_bf16_save_resume_consolidate(stage, tiny_data, tmp_path):
     state = tmp_path / "full" / "last" / "state" / "pytorch_model"
     partitions = sorted(f.name for f in state.iterdir() if "optim_states" in f.name)
     assert len(partitions) == 2, partitions  # one optimizer partition per rank: really ZeRO
-    # stop after 30 of 50 steps, resume, and end bit-identical to the uninterrupted run
-    _launch(config, tiny_data, tmp_path / "cut", "train.max_steps=30")
-    p = _launch(config, tiny_data, tmp_path / "cut", "train.resume=latest")
-    assert "resumed from" in p.stdout and "step 30" in p.stdout
     a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert all(v.dtype.is_floating_point and str(v.dtype) == "torch.float32" for v in a.values())  # fp32 master
-    # the consolidated checkpoint evaluates in a process where DeepSpeed cannot be imported
+    if stage == 3:  # (the suite's time budget: resume is the same code path for ZeRO-2, the harder case here)
+        # stop after 30 of 50 steps, resume, and end bit-identical to the uninterrupted run
+        _launch(config, tiny_data, tmp_path / "cut", "train.max_steps=30")
+        p = _launch(config, tiny_data, tmp_path / "cut", "train.resume=latest")
+        assert "resumed from" in p.stdout and "step 30" in p.stdout
+        b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+        return
+    # (ZeRO-2) the consolidated checkpoint evaluates in a process where DeepSpeed cannot be imported
     code = ("import sys; sys.modules['deepspeed'] = None; from itr.cli import main; "
             f"sys.exit(main(['eval', {str(tmp_path / 'full' / 'best')!r}, '--data', {str(tiny_data)!r}, "
             f"'--split', 'test', '--json', {str(tmp_path / 'm.json')!r}]))")

@@ -45,8 +45,8 @@ def test_generate_shard_train_eval_far_above_chance(sharded, tmp_path):
 @pytest.mark.slow
 def test_an_untrained_model_stays_at_chance(sharded, tmp_path):
     d = sharded
-    run_itr("train", DEMO, f"data.root={d / 'shards'}", "train.epochs=1", "optim.lr=0", "tracking.enabled=false",
-            *SMALL[:-3], "--out", tmp_path / "run")
+    run_itr("train", DEMO, f"data.root={d / 'shards'}", "train.epochs=1", "train.max_steps=1", "optim.lr=0",
+            "tracking.enabled=false", *SMALL[:-3], "--out", tmp_path / "run")
     run_itr("eval", tmp_path / "run" / "best", "--data", d / "shards", "--split", "test", "--json", tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text())["rsum"] < 60  # chance ~16
 
@@ -54,12 +54,12 @@ def test_an_untrained_model_stays_at_chance(sharded, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_the_run_resumes(sharded, tmp_path):
     d = sharded
-    args = [sys.executable, "-m", "itr", "train", str(DEMO), f"data.root={d / 'shards'}", "train.epochs=3",
+    args = [sys.executable, "-m", "itr", "train", str(DEMO), f"data.root={d / 'shards'}", "train.epochs=2",
             "tracking.enabled=false", *SMALL, "--out", str(tmp_path / "run")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     out = ""
-    while "epoch 1/3" not in out and time.time() < deadline:  # tqdm bar of the first epoch is up
+    while "epoch 1/2" not in out and time.time() < deadline:  # tqdm bar of the first epoch is up
         out += proc.stdout.read(1) or ""
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
@@ -68,11 +68,11 @@ def test_sigterm_checkpoints_and_the_run_resumes(sharded, tmp_path):
     assert "stopped by signal" in rest and "train.resume=latest" in rest
     meta = json.loads((tmp_path / "run" / "last" / "itr.json").read_text())["train_state"]
     assert 0 < meta["global_step"]
-    p = run_itr("train", DEMO, f"data.root={d / 'shards'}", "train.epochs=3", "tracking.enabled=false", *SMALL,
+    p = run_itr("train", DEMO, f"data.root={d / 'shards'}", "train.epochs=2", "tracking.enabled=false", *SMALL,
                 "train.resume=latest", "--out", tmp_path / "run")
     assert "resumed from" in p.stdout
     final = json.loads((tmp_path / "run" / "last" / "itr.json").read_text())["train_state"]
-    assert final["epoch"] == 3 and final["global_step"] == 3 * (4000 // 64)
+    assert final["epoch"] == 2 and final["global_step"] == 2 * (4000 // 64)
 
 
 @pytest.mark.slow
