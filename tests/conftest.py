@@ -54,7 +54,11 @@ def tiny_bert(tmp_path_factory):
     BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(d)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the same weights whichever tests ran first in the session
+        torch.manual_seed(0)
+        BertModel(cfg).save_pretrained(d)
     return d
 
 
