@@ -232,9 +232,11 @@ class TGDT(MatchingModel):
         return img_emb["glob"] @ cap_emb["glob"].t()
 
     def local_score(self, img_emb, cap_emb):
-        """Scaled MrSw of the local tokens, (n_img, n_cap); captions in sub-chunks to bound memory."""
+        """Scaled MrSw of the local tokens, (n_img, n_cap), in sub-chunks of captions grouped by length
+        (``tiled_pairs``) to bound memory."""
         reg, rl = img_emb["regions"], img_emb["lens"]
         words, wl = cap_emb["words"], cap_emb["lens"]
+
         def one(im, w, ln):
             return mrsw(im[0], im[1], w, length_mask(ln, w.shape[1]))
 
