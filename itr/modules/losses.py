@@ -23,34 +23,24 @@ def hinge_loss(img, cap, img_ids, margin=0.2, max_violation=True, mask_same_imag
     """
     if img_all is None:
         img_all, cap_all, ids_all, offset = img, cap, img_ids, 0
-    n, m = img.shape[0], img_all.shape[0]
-    pos = (img * cap).sum(-1)  # (n,)
-    s_i2t = img @ cap_all.t()  # image queries x candidate captions
-    s_t2i = cap @ img_all.t()  # caption queries x candidate images
-    if mask_same_image:
-        not_neg = img_ids[:, None] == ids_all[None, :]
-    else:
-        not_neg = torch.zeros(n, m, dtype=torch.bool, device=img.device)
-    not_neg[torch.arange(n, device=img.device), offset + torch.arange(n, device=img.device)] = True
-    zero = torch.zeros((), dtype=s_i2t.dtype, device=s_i2t.device)
-    cost_c = torch.where(not_neg, zero, (margin + s_i2t - pos[:, None]).clamp(min=0))
-    cost_i = torch.where(not_neg, zero, (margin + s_t2i - pos[:, None]).clamp(min=0))
-    if max_violation:
-        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
-    return cost_c.sum() + cost_i.sum()
+    pos = (img * cap).sum(-1)  # (n,) the pairs' own scores, one value for both directions
+    return hinge_from_scores(img @ cap_all.t(), cap @ img_all.t(), img_ids, ids_all, offset, margin, max_violation,
+                             mask_same_image, pos=pos)
 
 
-def hinge_from_scores(s_i2t, s_t2i, img_ids, ids_all, offset=0, margin=0.2, max_violation=True, mask_same_image=True):
+def hinge_from_scores(s_i2t, s_t2i, img_ids, ids_all, offset=0, margin=0.2, max_violation=True, mask_same_image=True,
+                      pos=None):
     """VSE++ hinge summed over this rank's queries, on precomputed score matrices (cross-attention models).
 
     ``s_i2t`` (n, N): this rank's images against the candidate captions; ``s_t2i`` (n, N): this rank's
     captions against the candidate images; the positive pair of query k is candidate ``offset + k``.
-    Same semantics as ``itr.modules.losses.hinge_loss`` (same-image masking, hardest negative or sum).
+    ``pos`` (n,): the positives' scores where the caller has them (``hinge_loss``), else read off the
+    matrices. Same-image masking, hardest negative or sum, as ``hinge_loss``.
     """
     n, m = s_i2t.shape
     ar = torch.arange(n, device=s_i2t.device)
-    pos_i = s_i2t[ar, offset + ar]
-    pos_t = s_t2i[ar, offset + ar]
+    pos_i = s_i2t[ar, offset + ar] if pos is None else pos
+    pos_t = s_t2i[ar, offset + ar] if pos is None else pos
     if mask_same_image:
         not_neg = img_ids[:, None] == ids_all[None, :]
     else:
