@@ -5,10 +5,12 @@ import sys
 
 def _train(a):
     from itr.config import load_recipe
+    from itr.distributed import finish_job
     from itr.train import train
 
     recipe = load_recipe(a.recipe, a.overrides)
     train(recipe, a.out)
+    finish_job()  # as `itr eval`: a rank that exits with gloo's threads still up can abort at teardown
 
 
 def _shard(a):
