@@ -134,6 +134,26 @@ def check_world_size(accelerator, expected=0):
     return got
 
 
+def comm_device():
+    """Where a collective's tensors must live: this rank's GPU under NCCL (it takes no host tensors), else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def host_collective(op, t, *args, **kwargs):
+    """``op(t, ...)`` (an in-place torch.distributed collective) on a host tensor, through the comm device.
+    The evaluation job keeps scores and shortlists on the host; under NCCL they go to the GPU and back."""
+    dev = comm_device()
+    if dev.type == "cpu":
+        op(t, *args, **kwargs)
+        return t
+    x = t.to(dev)
+    op(x, *args, **kwargs)
+    t.copy_(x.cpu())
+    return t
+
+
 def all_reduce_sum(x):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()

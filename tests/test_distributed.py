@@ -111,3 +111,21 @@ def test_two_process_training_with_a_transformers_text_encoder(tiny_data, tiny_b
                           f"model.text={{name: hf, path: {tiny_bert}}}", "optim.text_lr_mult=0.1", "train.world_size=2",
                           "tracking.enabled=false", "--out", tmp_path / "run")
     assert p.returncode == 0, p.stderr[-4000:]
+
+
+def test_collectives_of_host_tensors_use_the_gpu_under_nccl(monkeypatch):
+    """NCCL takes no host tensors: the evaluation job's host-side collectives (score tiles, shortlists, reranked
+    scores) pick the rank's GPU under NCCL and the CPU under gloo (a GPU-only bug: `itr eval` on N GPUs)."""
+    import torch
+
+    import itr.distributed as D
+
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(D.dist, "get_backend", lambda *a: "nccl")
+    assert D.comm_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(D.dist, "get_backend", lambda *a: "gloo")
+    assert D.comm_device() == torch.device("cpu")
+    t, seen = torch.zeros(3), []
+    D.host_collective(lambda x, src: (seen.append((x, src)), x.add_(1)), t, src=0)
+    assert seen[0][0] is t and seen[0][1] == 0 and t.tolist() == [1.0, 1.0, 1.0]  # gloo: in place, no copy

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from itr.distributed import comm_device
+
 
 def rows(emb, lo, hi, device="cpu"):
     """Rows [lo, hi) of an embedding (a tensor, or a dict of tensors for token-level models)."""
@@ -68,10 +70,12 @@ def _gather_tiles(blocks, grid, rank, world):
     if blocks:
         mine = torch.cat([b.reshape(-1) for b in blocks])
         flat[: mine.numel()] = mine
+    flat = flat.to(comm_device())  # NCCL gathers GPU tensors only
     parts = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
     dist.gather(flat, parts, dst=0)
     if rank != 0:
         return None
+    parts = [p.cpu() for p in parts]
     out = []
     for r, part in enumerate(parts):
         offset = 0

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from itr.distributed import host_collective
 from itr.eval.metrics import KEYS, PROTOCOLS, recall_metrics
 from itr.eval.scores import num_rows, rows, similarity_matrix
 
@@ -42,7 +43,7 @@ def shortlist(block, k):
 
 def _broadcast(t, rank, world):
     if world > 1:
-        dist.broadcast(t, src=0)
+        host_collective(dist.broadcast, t, src=0)
     return t
 
 
@@ -84,8 +85,8 @@ def rerank(score_fn, img, cap, i2t_idx, t2i_idx, device="cpu", rank=0, world=1, 
                 j = q - n
                 out_t2i[j] = score_fn(take(img, t2i_idx[j], device), rows(cap, j, j + 1, device)).float().cpu()[:, 0]
     if world > 1:  # every entry has exactly one owner: the sum is exact
-        dist.all_reduce(out_i2t)
-        dist.all_reduce(out_t2i)
+        host_collective(dist.all_reduce, out_i2t)
+        host_collective(dist.all_reduce, out_t2i)
     return out_i2t, out_t2i
 
 
