@@ -19,7 +19,10 @@ from itr.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 def param(default, help, **meta):
-    """A recipe key: its default and the one line of help that `itr config` prints."""
+    """A recipe key: its default and the one line of help that `itr config` prints.
+
+    Ranges (checked when a recipe loads): ``min`` / ``max`` (inclusive), ``gt`` (exclusive). An int key is
+    ``min=0`` unless it says otherwise (``min=None``); a float key is always finite."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -42,9 +45,9 @@ class DataConfig:
     test_split: str = param("test", "split evaluated at the end of training")
     shard_dir: Optional[str] = param(None, "where precomp data is sharded on first use (default: $ITR_CACHE or ~/.cache/itr, keyed by data.root)")
     dtype: str = param("float16", "feature dtype stored in shards: float16 or float32")
-    images_per_shard: int = param(1000, "images per tar shard when sharding precomp data")
+    images_per_shard: int = param(1000, "images per tar shard when sharding precomp data", min=1)
     num_workers: int = param(2, "DataLoader worker processes per rank")
-    shuffle_buffer: int = param(5000, "caption-pair shuffle buffer (per worker)")
+    shuffle_buffer: int = param(5000, "caption-pair shuffle buffer (per worker)", min=1)
     verify: str = param("checksum", "shard check before training: checksum (sha256, cached), size, none")
     max_words: int = param(0, "truncate captions to this many tokens (0: no limit)")
     image_size: int = param(224, "raw-image shards: crop size (train: random resized crop + flip; eval: resize, center crop)")
@@ -56,11 +59,11 @@ class TrainConfig:
     batch_size: int = param(128, "GLOBAL batch per optimizer step (split over ranks and accumulation steps)")
     grad_accum: int = param(1, "gradient accumulation steps per optimizer step")
     mixed_precision: str = param("no", "no, bf16 or fp16")
-    grad_clip: float = param(2.0, "clip the global gradient norm to this value (0: off)")
-    seed: int = param(0, "seed for init, data order and augmentation")
+    grad_clip: float = param(2.0, "clip the global gradient norm to this value (0: off)", min=0.0)
+    seed: int = param(0, "seed for init, data order and augmentation", min=None)
     world_size: int = param(0, "expected number of processes; a mismatch is an error (0: accept any)")
     max_steps: int = param(0, "stop after this many optimizer steps (0: train all epochs)")
-    log_every: int = param(10, "log loss / lr / throughput every N optimizer steps")
+    log_every: int = param(10, "log loss / lr / throughput every N optimizer steps", min=1)
     checkpoint_every: int = param(0, "also write DIR/last every N optimizer steps (0: at epoch ends only)")
     resume: Optional[str] = param(None, "'latest' (DIR/last if present) or a checkpoint directory")
     deepspeed: Optional[str] = param(None, "DeepSpeed JSON (launch/ds_zero*.json); default: the one given to "
@@ -71,14 +74,14 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: str = param("adam", "adam or adamw")
-    lr: float = param(2e-4, "base learning rate")
-    weight_decay: float = param(0.0, "weight decay")
+    lr: float = param(2e-4, "base learning rate (0: the weights stay as initialised)", min=0.0)
+    weight_decay: float = param(0.0, "weight decay", min=0.0)
     schedule: str = param("step", "step (x lr_decay every lr_update epochs, VSE++), linear or cosine (to 0 over training)")
     lr_update: int = param(15, "step schedule: multiply the lr by lr_decay every lr_update epochs")
     lr_decay: float = param(0.1, "step schedule: decay factor")
     warmup_steps: int = param(0, "linear warm-up over this many optimizer steps (TGDT: 1000)")
-    warmup_ratio: float = param(0.0, "or over this fraction of all optimizer steps (xmatching: 0.05)")
-    text_lr_mult: float = param(1.0, "lr multiplier of a pretrained (transformers) text encoder, e.g. 0.1")
+    warmup_ratio: float = param(0.0, "or over this fraction of all optimizer steps (xmatching: 0.05)", min=0.0, max=1.0)
+    text_lr_mult: float = param(1.0, "lr multiplier of a pretrained (transformers) text encoder, e.g. 0.1", min=0.0)
     no_decay: List[str] = param([], "parameter-name substrings exempt from weight decay (BERT fine-tuning: bias, LayerNorm.weight)")
     impl: str = param("auto", "auto (apex fused if it imports, else torch fused/foreach), apex, fused, foreach, plain")
 
@@ -212,7 +215,24 @@ def build_section(cls, raw, path):
                 kwargs[name] = build_section(hints[name], raw[name], key)
             else:
                 kwargs[name] = _coerce(raw[name], hints[name], key)
+                _check_range(key, kwargs[name], hints[name], f.metadata)
     return cls(**kwargs)
+
+
+def _check_range(key, value, tp, meta):
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    lo = meta.get("min", 0 if tp is int else None)
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key} must be >= {lo}, got {value}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{key} must be > {meta['gt']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key} must be <= {meta['max']}, got {value}")
 
 
 def build_component(kind, raw, path):

@@ -24,13 +24,14 @@ import yaml
 from tqdm import tqdm
 
 from itr import checkpoint as ckpt
+from itr import rundir
 from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
 from itr.data.sources import data_kind, ensure_shards, load_split, split_captions
 from itr.errors import DataError
 from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
                              is_distributed, make_accelerator, pad_cat)
-from itr.eval.job import evaluate_model, write_json
+from itr.eval.job import evaluate_model
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
 from itr.models.base import embedding_keys, side_keys
@@ -161,13 +162,20 @@ def _to(batch, device):
 def train(recipe, out_dir):
     """Train ``recipe`` into ``out_dir``; returns results (None when stopped by a signal)."""
     stop = Stop()
+    rundir.reset_faults()
+    lock = None
     try:
+        if int(os.environ.get("RANK", "0")) == 0:  # one `itr train` per run directory (rank 0 holds the lock)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            lock = rundir.RunLock(out_dir)
         return _train(recipe, out_dir, stop)
     except BaseException as e:
         end_active("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")  # no MLflow run left RUNNING forever
         raise
     finally:
         stop.close()
+        if lock is not None:
+            lock.release()
 
 
 def _train(recipe, out_dir, stop):
@@ -193,7 +201,13 @@ def _train(recipe, out_dir, stop):
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # ---- resume point
+    # ---- resume point: first undo whatever a kill left half-done (itr.rundir)
+    if main:
+        for name in ("last", "best"):
+            did = rundir.recover(out / name)
+            if did:
+                print(f"[itr] {did}", flush=True)
+    acc.wait_for_everyone()
     resume = None
     if t.resume == "latest":
         try:
@@ -210,7 +224,8 @@ def _train(recipe, out_dir, stop):
 
     # ---- data, tokenizer, model, optimizer
     manifest = ensure_shards(recipe.data, recipe.data.train_split, main, acc.wait_for_everyone, progress=main)
-    dev = load_split(data_root(recipe), recipe.data.dev_split, recipe.data.image_size)
+    dev = load_split(data_root(recipe), recipe.data.dev_split, recipe.data.image_size, verify=recipe.data.verify)
+    check_test_split(recipe)  # a bad test split fails now, not after the whole training
     vocab = resume / ckpt.VOCAB if resume and (resume / ckpt.VOCAB).is_file() else None
     tokenizer = make_tokenizer(recipe, captions=None if vocab else split_captions(manifest), vocab_file=vocab)
     img_dim = manifest["feature_shape"][-1] if manifest.get("kind", "features") == "features" else 0  # 0: raw images
@@ -224,17 +239,19 @@ def _train(recipe, out_dir, stop):
     if t.compile:
         model.compile()  # in place: the state dict keeps its names (no _orig_mod. prefix)
     model, optimizer = acc.prepare(model, optimizer)
-    if precision.scaler is not None:
-        acc.register_for_checkpointing(precision.scaler)  # the fp16 loss scale resumes too
     loader = TrainLoader(manifest, tokenizer, rank_batch, world, rank, t.seed, recipe.data.num_workers,
                          recipe.data.shuffle_buffer, recipe.data.image_size)
 
-    state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
+    state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "best_step": None,
              "run_id": None, "skipped_steps": 0, "best_dev": None, "pending_eval": False,
              "history": {"loss": [], "dev": []}}
     if resume:
-        acc.load_state(str(resume / ckpt.STATE))
+        ckpt.load_training_state(acc, resume / ckpt.STATE, precision.scaler)
         state.update(meta["train_state"])
+        if main and resume == out / "last":
+            did = ckpt.reconcile_best(out, meta)
+            if did:
+                print(f"[itr] {did}", flush=True)
     dataset = recipe.data.name or Path(recipe.data.root).name
     tracker = make_tracker(recipe, main, run_id=state["run_id"], default_name=run_name(rd, dataset),
                            journal=out / JOURNAL)
@@ -262,7 +279,8 @@ def _train(recipe, out_dir, stop):
                 "grad_accum": t.grad_accum, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save_last():
-        ckpt.save(out / "last", acc, model, rd, tokenizer, checkpoint_meta(), deepspeed=deepspeed)
+        ckpt.save(out / "last", acc, model, rd, tokenizer, checkpoint_meta(), deepspeed=deepspeed,
+                  scaler=precision.scaler)
 
     def evaluate_dev():
         metrics, _ = evaluate_model(acc.unwrap_model(model), dev, tokenizer, recipe.eval, device, rank, world)
@@ -277,6 +295,7 @@ def _train(recipe, out_dir, stop):
             improved = state["best"] is None or score > state["best"]
             if improved:
                 state["best"], state["best_epoch"], state["best_dev"] = score, label, metrics
+                state["best_step"] = state["global_step"]
             tracker.log_metrics({f"dev_{k}": metrics[k] for k in KEYS}, step=label)
             state["history"]["dev"].append([label, metrics])
             tqdm.write(format_table(metrics, f"dev after epoch {label} (best {recipe.eval.best_metric} "
@@ -314,6 +333,7 @@ def _train(recipe, out_dir, stop):
             state["global_step"] += 1
             state["micro_in_epoch"] += t.grad_accum
             bar.update(1)
+            rundir.fault(f"step {state['global_step']}")
             if STEP_DELAY:
                 time.sleep(STEP_DELAY)
 
@@ -372,7 +392,7 @@ def _train(recipe, out_dir, stop):
                                 step=state["global_step"])
             print(format_table(test, f"test ({recipe.data.test_split}) with the best dev checkpoint, "
                                      f"protocol {recipe.eval.protocol}"), flush=True)
-        write_json(results, out / "results.json")
+        rundir.write_text_atomic(out / "results.json", json.dumps(results, indent=1))
         (out / "recipe.yaml").write_text(yaml.safe_dump(rd, sort_keys=False))
         training_curves(state["history"], out / "curves.png", f"{rd['model']['name']} on {dataset}")
         recall_at_k({f"dev (best, epoch {state['best_epoch']})": state["best_dev"], recipe.data.test_split: test},
@@ -398,6 +418,15 @@ def data_root(recipe):
     return resolve_path(recipe.data.root)
 
 
+def check_test_split(recipe):
+    """Open and check the test split before training (counts, checksums, finite features), if the data has one."""
+    try:
+        data_kind(data_root(recipe), recipe.data.test_split)
+    except DataError:
+        return
+    load_split(data_root(recipe), recipe.data.test_split, recipe.data.image_size, verify=recipe.data.verify)
+
+
 def final_test(recipe, out, device, rank, world):
     """Evaluate DIR/best on the test split (every rank embeds a slice), if the data has one."""
     root = data_root(recipe)
@@ -408,6 +437,6 @@ def final_test(recipe, out, device, rank, world):
             print(f"[itr] no {recipe.data.test_split!r} split in {root}: skipping the test evaluation", flush=True)
         return None
     model, tokenizer, _, _ = ckpt.load_for_eval(out / "best", device)
-    split = load_split(root, recipe.data.test_split, recipe.data.image_size)
+    split = load_split(root, recipe.data.test_split, recipe.data.image_size, verify=recipe.data.verify)
     metrics, _ = evaluate_model(model, split, tokenizer, recipe.eval, device, rank, world)
     return metrics

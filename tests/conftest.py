@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,6 +41,30 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_shards(tmp_path_factory):
+    """Shards of a smaller synthetic dataset (48/16/16 images, 4 regions x 16-d): ~10 steps of 24 pairs an epoch,
+    for tests that train many times (the resume and kill-protocol tests)."""
+    from itr.data.synthetic import generate
+    from shards.precomp import shard_precomp
+
+    src = generate(tmp_path_factory.mktemp("small_src"), splits=(("train", 48), ("dev", 16), ("test", 16)), dim=16,
+                   regions=4, seed=3)
+    out = tmp_path_factory.mktemp("small_shards")
+    for split in ("train", "dev", "test"):
+        shard_precomp(src, split, out, images_per_shard=16, progress=False)
+    return out
+
+
+def small_overrides(root, **extra):
+    """Overrides that make a run on small_shards take about a second (2 epochs of 10 steps)."""
+    o = {"data.root": root, "data.num_workers": 0, "data.shuffle_buffer": 100, "train.batch_size": 24,
+         "train.epochs": 2, "train.log_every": 2, "tracking.enabled": "false", "model.embed_dim": 16,
+         "eval.batch_size": 64, "optim.lr": 2e-3}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     """A tiny random BERT with a word-level vocabulary, saved like a local bert-base-uncased directory."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -67,6 +92,21 @@ def f8k():
     if not (F8K / "train_ims.npy").is_file():
         pytest.skip(f"real Flickr8k data not found at {F8K} (it lives in ../shared/data beside the checkout; CI has it)")
     return F8K
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread, as each rank of a multi-process test: a BLAS that picks its thread count by load
+    (MKL_DYNAMIC) splits reductions differently, which changes last bits; bitwise comparisons across process
+    counts need the same thread count on both sides (the suite must pass beside another CPU-heavy job)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def run_itr(*args, env=None, timeout=600, check=True):

@@ -11,7 +11,7 @@ import torch
 
 from itr.eval.scores import similarity_matrix
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, one_thread, tiny_overrides
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
@@ -51,13 +51,7 @@ def test_eval_job_on_several_ranks_equals_one_rank(tiny_data, tmp_path, procs, c
     assert f"{procs} ranks" in p.stdout
     np.testing.assert_allclose(np.load(tmp_path / "sims.npy"), np.load(tmp_path / "ref.npy"), rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(ref)  # identical ranks
-    # the same tile size on 1 rank: bitwise the same matrix (the tile grid does not depend on the world size).
-    # One thread, as each rank above: a BLAS that picks its thread count by load (MKL_DYNAMIC) splits reductions
-    # differently, which changes last bits, and the suite must pass beside another CPU-heavy job.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # the same tile size on 1 rank: bitwise the same matrix (the tile grid does not depend on the world size)
+    with one_thread():
         run_eval(tmp_path / "run" / "best", tiny_data, "test", chunk_size=chunk, save_sims=tmp_path / "one.npy")
-    finally:
-        torch.set_num_threads(threads)
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "sims.npy"))

@@ -19,7 +19,7 @@ from itr.models import build_model, make_tokenizer
 from itr.models.scan import AGG_FUNCS, RAW_NORMS, l1norm, l2norm, scan_i2t, scan_t2i
 from itr.modules.xattn import hinge_on_scores
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, one_thread, tiny_overrides
 
 RECIPE = ROOT / "recipes" / "synthetic" / "scan_t2i.yaml"
 HELPER = ROOT / "tests" / "helpers" / "xattn_step.py"
@@ -276,7 +276,8 @@ def test_eval_job_on_two_ranks_equals_one_rank(tiny_data, tmp_path):
     from itr.eval.job import run_eval
 
     _train_tiny(tiny_data, tmp_path / "run")
-    ref = run_eval(tmp_path / "run" / "best", tiny_data, "test", chunk_size=16, save_sims=tmp_path / "ref.npy")
+    with one_thread():  # as each rank below: bitwise comparisons need the same thread count
+        ref = run_eval(tmp_path / "run" / "best", tiny_data, "test", chunk_size=16, save_sims=tmp_path / "ref.npy")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "itr", "eval",
                         str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "test",

@@ -215,7 +215,10 @@ class TrainLoader:
         ds = PairStream(self.manifest, units, self.tokenizer, self.seed, epoch, self.rank,
                         shuffle_buffer=self.shuffle_buffer, chunk=min(32, self.rank_batch), image_size=self.image_size)
         workers = min(self.num_workers, len(units))
-        dl = DataLoader(ds, batch_size=None, num_workers=workers,
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which a
+        # resumed run has just restored to mid-epoch: the draw would shift every later random op (exact resume).
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        dl = DataLoader(ds, batch_size=None, num_workers=workers, generator=gen,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
         return _batches(iter(dl), self.rank_batch, n, skip, self.tokenizer.pad_id)
 

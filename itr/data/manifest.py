@@ -9,6 +9,8 @@ corrupted shard is caught before training starts, naming the file.
 import hashlib
 import json
 import os
+import re
+import tarfile
 from pathlib import Path
 
 from itr.data.precomp import DataError
@@ -47,6 +49,16 @@ def file_digest(path):
     return sha256_file(path)
 
 
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def safe_name(value, what, where):
+    """A file or split name read from a file: one plain path component, never joined into a path blindly."""
+    if not isinstance(value, str) or not _SAFE.fullmatch(value) or ".." in value:
+        raise DataError(f"{where}: {what} {value!r} is not a plain file name (letters, digits, _ . + -)")
+    return value
+
+
 def load_manifest(root, split):
     p = manifest_path(root, split)
     if not p.is_file():
@@ -60,9 +72,34 @@ def load_manifest(root, split):
     for key in ("num_images", "num_captions", "feature_shape", "dtype", "shards"):
         if key not in m:
             raise DataError(f"{p}: missing key {key!r}")
+    if safe_name(m.get("split", split), "split", p) != split:
+        raise DataError(f"{p}: its split field is {m.get('split')!r}, the file name says {split!r}")
+    m["split"] = split
+    for s in m["shards"]:
+        safe_name(s.get("name"), "shard name", p)
+    if "captions_file" in m:
+        safe_name(m["captions_file"], "captions_file", p)
+    _check_counts(m, p)
     m["root"] = str(Path(root).resolve())
     m["path"] = str(p)
     return m
+
+
+def _check_counts(m, p):
+    """The manifest's totals against its per-shard counts (the tars themselves are counted in verify_shards)."""
+    per_image = m.get("captions_per_image", 5)
+    imgs = sum(s.get("num_images", 0) for s in m["shards"])
+    caps = sum(s.get("num_captions", 0) for s in m["shards"])
+    if imgs != m["num_images"] or caps != m["num_captions"] or m["num_captions"] != per_image * m["num_images"]:
+        raise DataError(f"{p}: counts disagree: num_images {m['num_images']} and num_captions {m['num_captions']}, "
+                        f"but its shards list {imgs} images and {caps} captions ({per_image} captions per image); "
+                        f"rebuild the split with `itr shard`")
+
+
+def count_samples(path):
+    """Samples (distinct keys) in a tar shard, reading headers only."""
+    with tarfile.open(path) as tar:
+        return len({member.name.split(".", 1)[0] for member in tar if member.isfile()})
 
 
 def shard_paths(m):
@@ -72,8 +109,9 @@ def shard_paths(m):
 def verify_shards(m, mode="checksum", progress=False):
     """Check every shard against the manifest; raise DataError naming the first bad file.
 
-    ``checksum`` hashes each file once and caches the result next to the manifest
-    (keyed by size and mtime), so repeated runs on the same shards cost a stat() each.
+    ``checksum`` hashes each file once and counts its samples against the manifest, and caches the result next
+    to the manifest keyed by the file's size and mtime and the manifest's checksum and count: a changed file (or
+    an edited manifest entry) is checked again, repeated runs on the same shards cost a stat() each.
     """
     if mode == "none":
         return
@@ -100,12 +138,17 @@ def verify_shards(m, mode="checksum", progress=False):
         if mode != "checksum":
             continue
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        if cache.get(s["name"]) == [stamp, s["sha256"]]:
+        entry = [stamp, s["sha256"], s.get("num_images")]
+        if cache.get(s["name"]) == entry:
             continue
         digest = sha256_file(p)
         if digest != s["sha256"]:
             raise DataError(f"shard {p} is corrupt: sha256 {digest[:12]}... != manifest {s['sha256'][:12]}...")
-        cache[s["name"]] = [stamp, s["sha256"]]
+        found = count_samples(p)
+        if found != s.get("num_images"):
+            raise DataError(f"shard {p} holds {found} images but {m['path']} says {s.get('num_images')}: the manifest "
+                            f"was edited or belongs to other shards; rebuild the split with `itr shard`")
+        cache[s["name"]] = entry
         changed = True
     if changed:
         try:

@@ -75,7 +75,7 @@ def split_captions(manifest):
     return caps
 
 
-def read_shard_split(root, split, verify="size", image_size=224) -> PrecompSplit:
+def read_shard_split(root, split, verify="checksum", image_size=224) -> PrecompSplit:
     """Load a whole sharded split into memory, ordered by image index (for evaluation).
     Image shards are decoded with the evaluation transform (resize, center crop)."""
     import webdataset as wds
@@ -117,13 +117,27 @@ def read_shard_split(root, split, verify="size", image_size=224) -> PrecompSplit
         raise DataError(f"{m['path']}: some captions are missing from the shards")
     if len(caps) != CAPS_PER_IMAGE * n:
         raise DataError(f"{m['path']}: {len(caps)} captions for {n} images; expected {CAPS_PER_IMAGE} per image")
+    if not pixels:
+        check_finite(feats, m["path"])
     return PrecompSplit(images=feats, captions=caps, ids=ids, files={"manifest": Path(m["path"])}, boxes=boxes,
                         image_key="pixels" if pixels else "feats")
 
 
-def load_split(root, split, image_size=224) -> PrecompSplit:
-    """An evaluation split from a precomp directory or a shard directory."""
+def check_finite(feats, where, chunk=1024):
+    """NaN or inf features fail here, naming the file and the first bad image, not as a traceback after training."""
+    for lo in range(0, len(feats), chunk):
+        ok = np.isfinite(feats[lo:lo + chunk]).reshape(min(chunk, len(feats) - lo), -1).all(1)
+        if not ok.all():
+            bad = lo + int(np.argmin(ok))
+            raise DataError(f"{where}: row {bad} has non-finite (NaN or inf) values")
+
+
+def load_split(root, split, image_size=224, verify="checksum") -> PrecompSplit:
+    """An evaluation split from a precomp directory or a shard directory (shards checked against their manifest:
+    ``verify`` as ``data.verify``), its features checked finite."""
     root = Path(root)
     if data_kind(root, split) == "shards":
-        return read_shard_split(root, split, image_size=image_size)
-    return open_precomp(root, split)
+        return read_shard_split(root, split, verify=verify, image_size=image_size)
+    out = open_precomp(root, split)
+    check_finite(out.images, out.files["ims"])
+    return out

@@ -48,7 +48,7 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
         recipe.eval.chunk_size = chunk_size
     if batch_size:
         recipe.eval.batch_size = batch_size
-    data_split = load_split(data, split, recipe.data.image_size)
+    data_split = load_split(data, split, recipe.data.image_size, verify=recipe.data.verify)
     if data_split.image_key == "feats" and data_split.images.shape[-1] != meta["img_dim"]:
         from itr.errors import DataError
 
@@ -151,6 +151,11 @@ def run_score(sims_path, protocol="1k", json_out=None, chunk_size=1024):
         sims = np.load(p, mmap_mode="r")
     except Exception as e:
         raise DataError(f"{sims_path}: cannot read as .npy ({e})") from None
+    if sims.ndim != 2 or 0 in sims.shape:
+        raise DataError(f"{sims_path}: expected a non-empty (n_images, n_captions) matrix, got shape {sims.shape}")
+    from itr.data.sources import check_finite
+
+    check_finite(sims, sims_path)
     try:
         metrics = evaluate_sims(sims, protocol, chunk=chunk_size)
     except ValueError as e:

@@ -237,7 +237,7 @@ def diversity_regularizer(smry):
 
 @dataclass
 class CAMERAConfig:
-    embed_dim: int = param(2048, "joint embedding size (CAMERA train.py --embed_size 2048)")
+    embed_dim: int = param(2048, "joint embedding size (CAMERA train.py --embed_size 2048)", min=1)
     heads: int = param(64, "AGSA heads, image and text (train.py --head 64)")
     views: int = param(12, "summarization views k (train.py --smry_k 12)")
     div_weight: float = param(0.01, "weight of the diversity regularizer (train.py --smry_lamda 0.01)")

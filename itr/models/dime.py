@@ -166,7 +166,7 @@ def route_one(embs, probs, inputs):
 
 @dataclass
 class DIMEConfig:
-    embed_dim: int = param(256, "joint embedding size (train.py --embed_size 256)")
+    embed_dim: int = param(256, "joint embedding size (train.py --embed_size 256)", min=1)
     direction: str = param("i2t", "i2t (regions interact, the caption guides) or t2i (words interact) "
                                   "(train.py --direction)")
     heads: int = param(16, "heads of the intra-modal reasoning cell (train.py --num_head_IMRC 16)")

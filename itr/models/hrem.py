@@ -46,7 +46,7 @@ FRAGMENT_KEYS = ("img_frag", "img_frag_len", "cap_frag", "cap_frag_len")
 
 @dataclass
 class HREMConfig:
-    embed_dim: int = param(1024, "joint embedding size (arguments.py: 1024)")
+    embed_dim: int = param(1024, "joint embedding size (arguments.py: 1024)", min=1)
     image_mlp: bool = param(True, "image: FC + 2-layer MLP residual with BatchNorm (lib/mlp.py FC_MLP, bn=True); false: FC only")
     residual_pool: str = param("maxk", "pooling of the residual branch: maxk (lib/encoders.py Maxk_Pooling_Variable) "
                                        "or gpo (VSE-infinity's GPO)")

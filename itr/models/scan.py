@@ -138,7 +138,7 @@ def scan_i2t(img, words, lens, lambda_softmax=4.0, lambda_lse=5.0, agg="LogSumEx
 
 @dataclass
 class SCANConfig:
-    embed_dim: int = param(1024, "joint embedding size (train.py --embed_size 1024)")
+    embed_dim: int = param(1024, "joint embedding size (train.py --embed_size 1024)", min=1)
     direction: str = param("t2i", "t2i (words attend to regions) or i2t (regions attend to words) (--cross_attn)")
     lambda_softmax: float = param(9.0, "attention softmax temperature (--lambda_softmax; README: 9 for t-i, 4 for i-t)")
     lambda_lse: float = param(6.0, "LogSumExp pooling temperature (--lambda_lse; README: 6 t-i, 5 i-t F30K, 20 i-t COCO)")

@@ -211,7 +211,7 @@ def paired_hinge_loss(cap, img_all, ids_all, offset=0, margin=0.5, mask_same_ima
 
 @dataclass
 class SentenceMatcherConfig:
-    embed_dim: int = param(512, "joint embedding size (the sentence-level variant: 512; xmatching --dim 64 per token)")
+    embed_dim: int = param(512, "joint embedding size (the sentence-level variant: 512; xmatching --dim 64 per token)", min=1)
     mlp_dim: int = param(1024, "hidden size of the image and text MLPs (sentence-level variant 1024; xmatching 256)")
     dropout: float = param(0.3, "dropout inside both MLPs (xmatching/model.py: 0.3)")
     loss_reduction: str = param("mean", "mean: the hinge costs over the global batch size, as xmatching/loss.py "

@@ -77,7 +77,7 @@ def encoder(dim, layers, heads, ff, dropout):
 
 @dataclass
 class TERANConfig:
-    embed_dim: int = param(1024, "joint embedding size (model.embed-size 1024)")
+    embed_dim: int = param(1024, "joint embedding size (model.embed-size 1024)", min=1)
     image_layers: int = param(4, "transformer layers over the region features at their own size (image-model.transformer-layers 4)")
     layers: int = param(2, "transformer layers after the projections, text and image each (model.layers 2)")
     heads: int = param(4, "attention heads of every transformer (nhead=4 in the reference)")

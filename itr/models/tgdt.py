@@ -120,7 +120,7 @@ def run_encoder(enc, x, mask):
 
 @dataclass
 class TGDTConfig:
-    embed_dim: int = param(1024, "joint embedding size (configs/f30k_all.yaml model.embed-size 1024)")
+    embed_dim: int = param(1024, "joint embedding size (configs/f30k_all.yaml model.embed-size 1024)", min=1)
     image_layers: int = param(4, "transformer layers over the regions at the feature size, before the projection "
                                  "(image-model.transformer-layers 4, TERAN TransformerPostProcessing)")
     layers: int = param(2, "first-stage transformer layers per modality in the joint space: the local tokens "

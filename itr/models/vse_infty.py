@@ -25,7 +25,7 @@ from itr.registry import MODELS
 
 @dataclass
 class VSEInftyConfig:
-    embed_dim: int = param(1024, "joint embedding size (train_region.sh: --embed_size 1024)")
+    embed_dim: int = param(1024, "joint embedding size (train_region.sh: --embed_size 1024)", min=1)
     image_mlp: bool = param(True, "image: FC + 2-layer MLP residual (precomp_enc_type basic, train_region.sh); "
                                   "false: FC only")
     region_drop: float = param(0.2, "training: drop each region with this probability, keeping at least one "

@@ -15,7 +15,7 @@ from itr.registry import MODELS
 
 @dataclass
 class VSEPPConfig:
-    embed_dim: int = param(1024, "joint embedding size (VSE++: 1024)")
+    embed_dim: int = param(1024, "joint embedding size (VSE++: 1024)", min=1)
     image: dict = component("precomp", "image", "image encoder: precomp (FC over precomputed features)")
     text: dict = component("gru", "text", "text encoder: gru (vocabulary from the training captions) or hf (local transformers model)")
 

@@ -176,7 +176,7 @@ class CaptionModel(nn.Module):
 
 @dataclass
 class VSRNConfig:
-    embed_dim: int = param(2048, "joint embedding size (VSRN train.py@0e75e2e --embed_size 2048)")
+    embed_dim: int = param(2048, "joint embedding size (VSRN train.py@0e75e2e --embed_size 2048)", min=1)
     text: dict = component("gru", "text", "text encoder: gru (VSRN EncoderText: word_dim 300, 1-layer GRU) or hf")
     gcn_layers: int = param(4, "region-relation GCN layers (VSRN model.py: Rs_GCN_1..4)")
     l2_axis: str = param("regions", L2_AXIS_HELP)

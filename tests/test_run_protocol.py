@@ -1,0 +1,56 @@
+"""The run-directory protocol (itr.rundir, docs/training.md "The run directory"): a SIGKILL at every point of
+it, then a second SIGKILL at the same point during the resume, changes nothing: ``last``, ``best`` and
+``results.json`` end as an uninterrupted run's. For VSE++ and for VSE-infinity (random region drop and caption
+masking in its forward)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, small_overrides
+
+HELPER = ROOT / "tests" / "helpers" / "kill_protocol.py"
+
+
+def _same_weights(a, b):
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["vsepp_gru", "vse_infty"])
+def test_a_kill_at_every_point_of_the_protocol_then_another_loses_nothing(recipe, small_shards, tmp_path):
+    """VSE++ at every point; VSE-infinity (what it adds: random draws replayed from a checkpoint) at every point
+    of saving ``last`` and of the results (``best`` is the same code whatever the model)."""
+    overrides = small_overrides(small_shards, **{"train.checkpoint_every": 4, "model.text.word_dim": 16})
+    points = ["--points", "last:,results"] if recipe == "vse_infty" else []
+    p = subprocess.run([sys.executable, str(HELPER), *points, str(ROOT / "recipes" / "synthetic" / f"{recipe}.yaml"),
+                        str(tmp_path), *overrides], capture_output=True, text=True, timeout=1200,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    points = set(report["points"])
+    for name in ("last", "best") if recipe == "vsepp_gru" else ("last",):
+        assert {f"{name}: tmp written", f"{name}: old moved aside", f"{name}: new in place",
+                f"{name}: old deleted"} <= points, sorted(points)
+    assert "results.json: written" in points
+    ref = tmp_path / "ref"
+    twice = 0
+    for name, sc in report["scenarios"].items():
+        runs, out = sc["runs"], sc["dir"]
+        log = open(out + ".log").read()[-3000:]
+        assert runs[0] == "killed" and runs[-1] == "ok", (name, runs, log)
+        twice += runs[1] == "killed"
+        for ck in ("last", "best"):
+            assert _same_weights(ref / ck / "model.safetensors", f"{out}/{ck}/model.safetensors"), (name, ck, runs)
+        assert json.loads(open(f"{out}/results.json").read()) == json.loads((ref / "results.json").read_text()), name
+    # the second kill really happened wherever the resumed run must pass the point again (a best promoted before
+    # the first kill is not promoted again, so those resumes end without one)
+    again = [n for n in report["scenarios"] if n.startswith(("last:", "results")) or n.endswith("recovered")]
+    assert all(report["scenarios"][n]["runs"][1] == "killed" for n in again), report["scenarios"]
+    assert twice >= len(again) and any(n.endswith("last: recovered") for n in again)
+    if recipe == "vsepp_gru":
+        assert any(n.endswith("best: recovered") for n in again) and report["counts"]["best: tmp written"] >= 2
