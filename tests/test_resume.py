@@ -1,5 +1,7 @@
 """Exact resume for every model with randomness in its forward. (Kills at every point of the checkpoint protocol:
 tests/test_run_protocol.py.)"""
+import shutil
+
 import pytest
 from safetensors.torch import load_file
 
@@ -48,4 +50,26 @@ def test_a_model_with_randomness_in_its_forward_resumes_exactly(name, small_shar
         a = load_file(str(tmp_path / "ref" / ck / "model.safetensors"))
         b = load_file(str(tmp_path / "cut" / ck / "model.safetensors"))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), f"{name}: {ck} differs"
+    assert res == ref
+
+
+def test_a_run_directory_written_by_an_older_itr_resumes(small_shards, tmp_path):
+    """tests/fixtures/run_49c3d5a: a tiny VSE++ run on small_shards written by itr at commit 49c3d5a (before the
+    run-directory protocol, RNG files and TrainState) and stopped by SIGTERM at step 14 of 20. The current code
+    resumes it and ends bitwise where its own uninterrupted run ends (VSE++ draws no random numbers in training)."""
+    from itr.config import load_recipe
+    from itr.train import train
+
+    from conftest import small_overrides
+
+    recipe = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
+    over = small_overrides(small_shards)
+    ref = train(load_recipe(recipe, over), tmp_path / "ref")
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run_49c3d5a", tmp_path / "old")
+    assert read_meta(tmp_path / "old" / "last")["train_state"]["global_step"] == 14
+    res = train(load_recipe(recipe, over + ["train.resume=latest"]), tmp_path / "old")
+    for ck in ("last", "best"):
+        a = load_file(str(tmp_path / "ref" / ck / "model.safetensors"))
+        b = load_file(str(tmp_path / "old" / ck / "model.safetensors"))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), ck
     assert res == ref
