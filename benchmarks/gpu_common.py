@@ -97,7 +97,7 @@ def train_steps(recipe, tok, batches, img_dim, device, mode, timed=0):
     from itr.models import build_model
     from itr.optim import make_optimizer
     from itr.precision import Precision
-    from itr.train import _to, train_step
+    from itr.step import move_to, train_step
 
     acc = accelerator(device)
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def train_steps(recipe, tok, batches, img_dim, device, mode, timed=0):
     opt, impl = make_optimizer(model, recipe.optim)
     model, opt = acc.prepare(model, opt)
     precision = Precision(mode, device)
-    batches = [_to(b, device) for b in batches]
+    batches = [move_to(b, device) for b in batches]
     out = {"losses": [], "grads": None, "skipped": 0, "optimizer": impl}
 
     def step(b):

@@ -78,7 +78,7 @@ def itr_loop(model, recipe, world):
     from itr.distributed import all_reduce_sum, make_accelerator
     from itr.optim import make_optimizer
     from itr.precision import Precision
-    from itr.train import Stop, train_step
+    from itr.step import Stop, train_step
 
     acc = make_accelerator()
     opt, _ = make_optimizer(model, recipe.optim)

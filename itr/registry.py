@@ -43,4 +43,4 @@ class Registry:
 MODELS = Registry("model")
 IMAGE_ENCODERS = Registry("image encoder")
 TEXT_ENCODERS = Registry("text encoder")
-LOSSES = Registry("loss")
+REGISTRIES = {"model": MODELS, "image": IMAGE_ENCODERS, "text": TEXT_ENCODERS}  # a component field names its kind

@@ -8,7 +8,8 @@ from itr.data.loader import collate_tokens
 from itr.errors import DataError
 from itr.eval.job import run_eval
 from itr.models import build_model, make_tokenizer
-from itr.models.camera import box_features, diversity_regularizer, multiview_score, score_hinge
+from itr.models.camera import box_features, multiview_score
+from itr.modules.ops import diversity_regularizer
 from itr.modules.losses import hinge_loss
 from itr.train import train
 
@@ -78,7 +79,7 @@ def test_score_hinge_with_one_view_is_the_vsepp_hinge(tiny_bert):
     cap = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
     ids = torch.tensor([0, 1, 2, 0, 3, 4])
     for epoch in (0, 1):
-        got = score_hinge(model.criterion, multiview_score, img[:, None], cap, ids, epoch)
+        got = model.criterion.with_score(multiview_score, img[:, None], cap, ids, epoch)
         assert got.item() == pytest.approx(hinge_loss(img, cap, ids).item(), rel=1e-6)
 
 
@@ -97,7 +98,7 @@ def test_loss_is_multiview_hinge_plus_diversity(tiny_bert):
     out = model(b, epoch=0)
     im = model.img_enc(b["feats"], b["boxes"])
     div = diversity_regularizer(im["smry"])
-    hinge = score_hinge(model.criterion, multiview_score, out["img"], out["cap"], b["img_ids"], 0)
+    hinge = model.criterion.with_score(multiview_score, out["img"], out["cap"], b["img_ids"], 0)
     assert out["loss"].item() == pytest.approx(hinge.item() + 0.5 * div.item(), rel=1e-5)
 
 

@@ -12,7 +12,7 @@ def test_recipe_loads_with_typed_overrides():
                            "tracking.uri=null"])
     assert r.optim.lr == pytest.approx(2e-4) and isinstance(r.optim.lr, float)  # YAML reads "2e-4" as a string
     assert r.train.epochs == 3 and r.loss.max_violation is False
-    assert r.model["text"] == {"name": "gru", "word_dim": 64, "num_layers": 1, "bidirectional": False, "min_count": 4}
+    assert to_dict(r.model)["text"] == {"name": "gru", "word_dim": 64, "num_layers": 1, "bidirectional": False, "min_count": 4}
     assert r.tracking.uri is None
 
 
@@ -39,7 +39,7 @@ def test_unknown_component_keys_are_checked_against_the_component():
 
 def test_switching_the_text_encoder_validates_its_own_keys():
     r = load_recipe(DEMO, ["model.text={name: hf, path: /x, pool: cls}"])
-    assert r.model["text"]["pool"] == "cls" and "word_dim" not in r.model["text"]
+    assert to_dict(r.model)["text"]["pool"] == "cls" and "word_dim" not in to_dict(r.model)["text"]
 
 
 @pytest.mark.parametrize("override,needle", [

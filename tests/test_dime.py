@@ -7,7 +7,7 @@ from itr.config import load_recipe
 from itr.data.loader import collate_tokens
 from itr.models import build_model, make_tokenizer
 from itr.models.dime import Router, route_many, route_one
-from itr.models.tgdt import matrix_hinge
+from itr.modules.losses import hinge_from_scores
 
 from conftest import ROOT
 
@@ -94,7 +94,7 @@ def test_loss_is_hinge_plus_half_the_path_regularizer(tiny_bert):
     out = model(b, epoch=0)
     s, paths = model.interact(out["img"], out["rgn"], out["cap"], out["wrd"], out["cap_lens"])
     assert paths.shape == (8, 8, 36)
-    hinge = matrix_hinge(s, s.t(), b["img_ids"], b["img_ids"], 0, 0.2, True, True)
+    hinge = hinge_from_scores(s, s.t(), b["img_ids"], b["img_ids"], 0, 0.2, True, True)
     vec = torch.nn.functional.normalize(model.path_mapping(paths.mean(0)), dim=-1)  # t2i: per caption
     reg = ((vec @ vec.t() - out["bert"] @ out["bert"].t()) ** 2).sum() / 8
     assert out["loss"].item() == pytest.approx(hinge.item() + 0.5 * reg.item(), rel=1e-5)

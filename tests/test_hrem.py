@@ -308,6 +308,6 @@ def test_one_epoch_with_the_interaction_trains_and_evaluates_the_same(tiny_data,
     res = train(load_recipe(RECIPE, over), tmp_path / "run")
     assert math.isfinite(res["test"]["rsum"]) and res["test"]["rsum"] > 0
     _, _, recipe, _ = ckpt.load_for_eval(tmp_path / "run" / "best")
-    assert recipe.model["name"] == "hrem"
+    assert recipe.model.name == "hrem"
     again = run_eval(tmp_path / "run" / "best", tiny_data, "test", protocol="1k")
     assert again == pytest.approx(res["test"])

@@ -17,7 +17,7 @@ from itr.config import load_recipe
 from itr.data.loader import collate_tokens
 from itr.models import build_model, make_tokenizer
 from itr.models.scan import AGG_FUNCS, RAW_NORMS, l1norm, l2norm, scan_i2t, scan_t2i
-from itr.modules.xattn import hinge_on_scores
+from itr.modules.losses import hinge_from_scores
 
 from conftest import ROOT, one_thread, tiny_overrides
 
@@ -160,16 +160,16 @@ def test_hinge_on_a_hand_checkable_score_matrix():
     ids = torch.tensor([0, 1])
     # image 1 vs caption 0: 0.2 + 0.8 - 0.6 = 0.4; caption 0 vs image 1: 0.2 + 0.8 - 0.9 = 0.1;
     # caption 1 vs image 0: 0.2 + 0.5 - 0.6 = 0.1; image 0 vs caption 1: 0.2 + 0.5 - 0.9 < 0
-    assert hinge_on_scores(s, s.t(), ids, ids).item() == pytest.approx(0.6, abs=1e-6)
-    assert hinge_on_scores(s, s.t(), torch.tensor([0, 0]), torch.tensor([0, 0])).item() == 0.0  # same image
+    assert hinge_from_scores(s, s.t(), ids, ids).item() == pytest.approx(0.6, abs=1e-6)
+    assert hinge_from_scores(s, s.t(), torch.tensor([0, 0]), torch.tensor([0, 0])).item() == 0.0  # same image
     s3 = torch.tensor([[0.9, 0.5, 0.85], [0.8, 0.6, 0.5], [0.0, 0.0, 0.7]])
     ids3 = torch.arange(3)
     # images: 0 -> caption 2: 0.15; 1 -> captions 0: 0.4 and 2: 0.1; 2 -> none.
     # captions: 0 -> image 1: 0.1; 1 -> image 0: 0.1; 2 -> image 0: 0.35 (image 1: 0.2 + 0.5 - 0.7 = 0)
-    assert hinge_on_scores(s3, s3.t(), ids3, ids3).item() == pytest.approx(0.15 + 0.4 + 0.1 + 0.1 + 0.35, abs=1e-6)
-    assert hinge_on_scores(s3, s3.t(), ids3, ids3, max_violation=False).item() == pytest.approx(1.2, abs=1e-6)
+    assert hinge_from_scores(s3, s3.t(), ids3, ids3).item() == pytest.approx(0.15 + 0.4 + 0.1 + 0.1 + 0.35, abs=1e-6)
+    assert hinge_from_scores(s3, s3.t(), ids3, ids3, max_violation=False).item() == pytest.approx(1.2, abs=1e-6)
     # distributed form: this rank holds query 1 only (offset 1) against the 3 candidates
-    assert hinge_on_scores(s3[1:2], s3.t()[1:2], ids3[1:2], ids3, offset=1).item() == pytest.approx(0.4 + 0.1, abs=1e-6)
+    assert hinge_from_scores(s3[1:2], s3.t()[1:2], ids3[1:2], ids3, offset=1).item() == pytest.approx(0.4 + 0.1, abs=1e-6)
 
 
 def test_batch_loss_is_the_hinge_on_the_cross_attention_scores():

@@ -296,11 +296,11 @@ MY_RECIPES += ["f8k/vsrn.yaml", "f8k/selfalign_vsrn.yaml"]
 @pytest.mark.parametrize("name", MY_RECIPES)
 def test_the_dataset_recipes_build(name, tiny_bert):
     r = load_recipe(ROOT / "recipes" / name)
-    raw = {"embed_dim": 16, "heads": 2} if r.model["name"].endswith("camera") else {"embed_dim": 16, "caption_hidden": 8}
+    raw = {"embed_dim": 16, "heads": 2} if r.model.name.endswith("camera") else {"embed_dim": 16, "caption_hidden": 8}
     over = [f"model.{k}={v}" for k, v in raw.items()]
-    if r.model["text"]["name"] == "hf":
+    if r.model.text.name == "hf":
         over.append(f"model.text.path={tiny_bert}")
-    r = load_recipe(ROOT / "recipes" / name, over + ["model.text.min_count=1"] * (r.model["text"]["name"] == "gru"))
+    r = load_recipe(ROOT / "recipes" / name, over + ["model.text.min_count=1"] * (r.model.text.name == "gru"))
     model = build_model(r, 12, make_tokenizer(r, captions=CAPS))
     assert model.cfg.embed_dim == 16
 

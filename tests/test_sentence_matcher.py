@@ -250,7 +250,7 @@ def test_train_on_real_jpegs_then_the_best_checkpoint_evaluates_the_same(tiny_be
     assert res["global_step"] == 2 * (400 // 40) and res["best_epoch"] in (1, 2)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     model, _, r, meta = load_for_eval(tmp_path / "run" / "best")
-    assert meta["img_dim"] == 0 and r.model["name"] == "sentence_matcher"
+    assert meta["img_dim"] == 0 and r.model.name == "sentence_matcher"
     again = run_eval(tmp_path / "run" / "best", f8k_image_shards, "test", device="cpu")
     assert again == pytest.approx(saved["test"])
     assert 0 < saved["test"]["rsum"] <= 600

@@ -14,7 +14,8 @@ from itr.config import load_recipe
 from itr.eval.metrics import KEYS
 from itr.data.loader import collate_tokens
 from itr.models import build_model, make_tokenizer
-from itr.models.tgdt import matrix_hinge, mrsw
+from itr.models.tgdt import mrsw
+from itr.modules.losses import hinge_from_scores
 
 from conftest import ROOT
 
@@ -142,11 +143,11 @@ def test_matrix_hinge_by_hand():
     # image 0: captions 1 (0.2+0.8-0.9=0.1), 2 (0); caption 0: images 1 (0.2+0.5-0.9=-0.2->0), 2 (0)
     # image 1: captions 0 (0.2+0.5-0.4=0.3), 2 (0); caption 1: images 0 (0.2+0.8-0.4=0.6), 2 (0.2+0.7-0.4=0.5)
     # image 2: captions 0 (0), 1 (0.2+0.7-0.6=0.3); caption 2: images 0 (0), 1 (0)
-    hard = matrix_hinge(s, s.t(), ids, ids, 0, 0.2, True, True)
+    hard = hinge_from_scores(s, s.t(), ids, ids, 0, 0.2, True, True)
     assert hard.item() == pytest.approx(0.1 + 0.3 + 0.3 + 0.0 + 0.6 + 0.0)
-    summed = matrix_hinge(s, s.t(), ids, ids, 0, 0.2, False, True)
+    summed = hinge_from_scores(s, s.t(), ids, ids, 0, 0.2, False, True)
     assert summed.item() == pytest.approx(0.1 + 0.3 + 0.3 + 0.6 + 0.5)
-    same = matrix_hinge(s, s.t(), torch.tensor([0, 0, 2]), torch.tensor([0, 0, 2]), 0, 0.2, True, True)
+    same = hinge_from_scores(s, s.t(), torch.tensor([0, 0, 2]), torch.tensor([0, 0, 2]), 0, 0.2, True, True)
     # pairs 0/1 show the same image: image 2 -> caption 1 (0.3) and caption 1 -> image 2 (0.5) remain
     assert same.item() == pytest.approx(0.3 + 0.5)
 
@@ -160,8 +161,8 @@ def test_loss_is_global_hinge_plus_consistency_plus_local_hinge():
     cap = {"glob": out["cap"], "words": out["cap_words"], "lens": out["cap_lens"]}
     ids = b["img_ids"]
     g, loc = model.global_score(img, cap), model.local_score(img, cap)
-    hinge_g = matrix_hinge(g, g.t(), ids, ids, 0, 0.2, True, True)
-    hinge_l = matrix_hinge(loc, loc.t(), ids, ids, 0, 0.2, True, True)
+    hinge_g = hinge_from_scores(g, g.t(), ids, ids, 0, 0.2, True, True)
+    hinge_l = hinge_from_scores(loc, loc.t(), ids, ids, 0, 0.2, True, True)
     si, st = out["img"] @ out["img"].t(), out["cap"] @ out["cap"].t()
     cons = sum(max(0.0, float((st[:, j] - si[:, j]).abs().max()) - 0.05) for j in range(8))
     assert cons > 0

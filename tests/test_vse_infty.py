@@ -241,6 +241,6 @@ def test_one_epoch_trains_and_the_checkpoint_evaluates_the_same(tiny_data, tmp_p
                 tmp_path / "run")
     assert res["test"]["rsum"] > 0
     model, tok, recipe, _ = ckpt.load_for_eval(tmp_path / "run" / "best")
-    assert recipe.model["name"] == "vse_infty" and "<mask>" in tok.word2idx
+    assert recipe.model.name == "vse_infty" and "<mask>" in tok.word2idx
     again = run_eval(tmp_path / "run" / "best", tiny_data, "test", protocol="1k")
     assert again == pytest.approx(res["test"])

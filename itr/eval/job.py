@@ -56,7 +56,7 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
                          f"the checkpoint was trained on {meta['img_dim']}-d")
     if two_stage:
         metrics = _two_stage(model, data_split, tokenizer, recipe, device, rank, world, protocol, two_stage,
-                             compare_full, f"{recipe.model['name']} on {data} [{split}]", json_out)
+                             compare_full, f"{recipe.model.name} on {data} [{split}]", json_out)
         if rank == 0 and (log_to_run or log_run or experiment):
             _log_mlflow(metrics, split, protocol or recipe.eval.protocol, f"_top{two_stage}", checkpoint, data, recipe,
                         meta, json_out, log_to_run, experiment, tracking_uri, run_name)
@@ -68,7 +68,7 @@ def run_eval(checkpoint, data, split, protocol=None, json_out=None, save_sims=No
     if rank == 0:
         if save_sims:
             np.save(save_sims, sims)
-        report(metrics, f"{recipe.model['name']} on {data} [{split}], protocol {protocol or recipe.eval.protocol}"
+        report(metrics, f"{recipe.model.name} on {data} [{split}], protocol {protocol or recipe.eval.protocol}"
                         + (f", {world} ranks" if world > 1 else ""), json_out)
         if log_to_run or log_run or experiment:
             _log_mlflow(metrics, split, protocol or recipe.eval.protocol, "", checkpoint, data, recipe, meta, json_out,

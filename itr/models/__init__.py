@@ -6,9 +6,8 @@ Every model is an ``itr.models.base.MatchingModel``: ``embed`` + ``batch_loss`` 
 import importlib
 import pkgutil
 
-from itr.config import build_section
 from itr.modules import encoders as _encoders  # noqa: F401  (registers encoders)
-from itr.modules import losses as _losses  # noqa: F401  (registers losses)
+from itr.modules import fragments as _fragments  # noqa: F401  (registers the token-level encoders)
 from itr.registry import MODELS
 
 # One file per model: importing each module of this package registers its model.
@@ -18,8 +17,8 @@ for _m in pkgutil.iter_modules(__path__):
 
 
 def model_config(recipe):
-    entry = MODELS.get(recipe.model["name"])
-    return entry, build_section(entry.config, {k: v for k, v in recipe.model.items() if k != "name"}, "model")
+    """(registry entry, typed config) of the recipe's model (``recipe.model`` is built once, when the recipe loads)."""
+    return MODELS.get(recipe.model.name), recipe.model.config
 
 
 def make_tokenizer(recipe, captions=None, vocab_file=None):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from itr.distributed import pad_cat
-from itr.modules.losses import build_loss
+from itr.modules.losses import LossConfig, build_loss
 
 
 def embedding_keys(emb):
@@ -50,7 +50,7 @@ class MatchingModel(nn.Module):
 
     def __init__(self, loss_cfg=None):
         super().__init__()
-        self.criterion = build_loss(loss_cfg) if loss_cfg is not None else None
+        self.criterion = build_loss(loss_cfg if loss_cfg is not None else LossConfig())
 
     # -- to implement
     def embed(self, batch):

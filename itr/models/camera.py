@@ -33,30 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import component, param
+from itr.schema import component, param
 from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
-from itr.models.vsrn import L2_AXIS_HELP, check_l2_axis, l2norm_over, xavier_linear
-from itr.modules.encoders import HFTextEncoder, l2norm, length_mask, text_entry
+from itr.modules.encoders import HFTextEncoder, text_entry
+from itr.modules.ops import (L2_AXIS_HELP, check_l2_axis, diversity_regularizer, l2norm, l2norm_over, length_mask,
+                            masked_bn, masked_mean, xavier_linear)
 from itr.registry import MODELS
-
-
-def masked_bn(bn, x, mask=None):
-    """BatchNorm1d over the (B, N, C) positions where ``mask`` (B, N) is True; the others are 0."""
-    if mask is None:
-        return bn(x.reshape(-1, x.shape[-1])).view_as(x)
-    y = bn(x[mask])
-    out = y.new_zeros((*x.shape[:-1], y.shape[-1]))
-    out[mask] = y
-    return out
-
-
-def masked_mean(x, mask=None):
-    """Mean over dim 1 of (B, N, C), over the positions where ``mask`` (B, N) is True."""
-    if mask is None:
-        return x.mean(1)
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def box_features(boxes, eps=1e-4):
@@ -201,40 +184,6 @@ def multiview_score(img, cap):
     return torch.einsum("nkd,md->nmk", img, cap).amax(-1)
 
 
-def score_hinge(criterion, score, img, cap, img_ids, epoch):
-    """itr's VSE++ hinge (``itr.modules.losses.hinge_loss``: max violation after the warm-up,
-    same-image masking, gathered global candidates) for a model whose similarity is ``score``
-    rather than a dot product of global vectors. A sum over this rank's queries."""
-    cfg = criterion.cfg
-    c = criterion.candidates(img, cap, img_ids)
-    img_all, cap_all = c.get("img_all", img), c.get("cap_all", cap)
-    ids_all, offset = c.get("ids_all", img_ids), c.get("offset", 0)
-    n, m = img.shape[0], img_all.shape[0]
-    rows = torch.arange(n, device=img.device)
-    s_i2t = score(img, cap_all)  # image queries x candidate captions
-    s_t2i = score(img_all, cap).t()  # caption queries x candidate images
-    pos = s_i2t[rows, offset + rows]
-    if cfg.mask_same_image:
-        not_neg = img_ids[:, None] == ids_all[None, :]
-    else:
-        not_neg = torch.zeros(n, m, dtype=torch.bool, device=img.device)
-    not_neg[rows, offset + rows] = True
-    zero = s_i2t.new_zeros(())
-    cost_c = torch.where(not_neg, zero, (cfg.margin + s_i2t - pos[:, None]).clamp(min=0))
-    cost_i = torch.where(not_neg, zero, (cfg.margin + s_t2i - pos[:, None]).clamp(min=0))
-    if criterion.max_violation(epoch):
-        return cost_c.max(1).values.sum() + cost_i.max(1).values.sum()
-    return cost_c.sum() + cost_i.sum()
-
-
-def diversity_regularizer(smry):
-    """sum_b ||A_b^T A_b - I||_F^2, A_b = smry_b L2-normalized over regions (``DiversityRegularization``)."""
-    a = F.normalize(smry.float(), dim=1)
-    gram = a.transpose(1, 2) @ a
-    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-    return ((gram - eye) ** 2).sum()
-
-
 @dataclass
 class CAMERAConfig:
     embed_dim: int = param(2048, "joint embedding size (CAMERA train.py --embed_size 2048)", min=1)
@@ -254,8 +203,8 @@ class CAMERA(MatchingModel):
     def __init__(self, cfg: CAMERAConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         self.cfg = cfg
-        if cfg.text.get("name") != "hf":
-            raise ConfigError(f"model.text.name={cfg.text.get('name')!r}: {type(self).__name__} needs a BERT-family "
+        if cfg.text.name != "hf":
+            raise ConfigError(f"model.text.name={cfg.text.name!r}: {type(self).__name__} needs a BERT-family "
                               f"text encoder (model.text.name=hf)")
         _, tcfg = text_entry(cfg.text)
         self.img_enc = CameraImageEncoder(img_dim, cfg.embed_dim, cfg.heads, cfg.views, cfg.dropout, cfg.l2_axis)
@@ -286,4 +235,4 @@ class CAMERA(MatchingModel):
         return multiview_score(img_emb, cap_emb)
 
     def batch_loss(self, emb, img_ids, epoch):
-        return score_hinge(self.criterion, self.score, emb["img"].float(), emb["cap"].float(), img_ids, epoch)
+        return self.criterion.with_score(self.score, emb["img"].float(), emb["cap"].float(), img_ids, epoch)

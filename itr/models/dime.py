@@ -48,22 +48,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import component, param
-from itr.distributed import gather_with_grad, is_distributed
+from itr.schema import component, param
+from itr.distributed import gather_with_grad
 from itr.errors import ConfigError
 from itr.models.base import MatchingModel
-from itr.models.tgdt import caption_chunks, matrix_hinge, max_violation, token_candidates
-from itr.modules.encoders import l2norm, length_mask, text_entry
+from itr.modules.encoders import text_entry
+from itr.modules.ops import l2norm, length_mask, masked_mean
+from itr.modules.xattn import caption_chunks
 from itr.registry import MODELS
 
 THRESHOLD, EPS = 1e-4, 1e-8  # DynamicInteraction.py: self.threshold, self.eps
 CELLS = 4
-
-
-def masked_mean(x, mask):
-    """Mean over the token dim (-2) of (..., T, d) where mask (..., T) is True."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(-2) / m.sum(-2).clamp(min=1)
 
 
 class Router(nn.Module):
@@ -185,8 +180,8 @@ class DIME(MatchingModel):
         super().__init__(loss_cfg)
         if cfg.direction not in ("i2t", "t2i"):
             raise ConfigError(f"model.direction={cfg.direction!r}; choose i2t or t2i")
-        if cfg.text.get("name") != "hf_words":
-            raise ConfigError(f"model.text.name={cfg.text.get('name')!r}: dime needs a BERT-family token encoder "
+        if cfg.text.name != "hf_words":
+            raise ConfigError(f"model.text.name={cfg.text.name!r}: dime needs a BERT-family token encoder "
                               f"(model.text.name=hf_words), whose frozen states also label the path regularizer")
         if img_dim <= 0:
             raise ConfigError("model.name=dime needs precomputed region features (not raw images)")
@@ -301,7 +296,7 @@ class DIME(MatchingModel):
         crit, cfg = self.criterion, self.cfg
         keys = ("rgn", "cap", "wrd", "cap_lens", "bert") + (("img",) if cfg.direction == "t2i" else ())
         local = {k: emb[k] for k in keys}
-        allc, offset = token_candidates(crit, {**local, "ids": img_ids})
+        allc, ids_all, offset = crit.candidates(local, img_ids)
         local.setdefault("img", None)
         allc.setdefault("img", None)
         m = allc["rgn"].shape[0]
@@ -313,8 +308,7 @@ class DIME(MatchingModel):
             s_i2t, p_rows = self.interact(local["img"], local["rgn"], allc["cap"], allc["wrd"], allc["cap_lens"])
             s_t2i, p_cols = self.interact(allc["img"], allc["rgn"], local["cap"], local["wrd"], local["cap_lens"])
             s_t2i = s_t2i.t()
-        loss = matrix_hinge(s_i2t, s_t2i, img_ids, allc["ids"], offset, crit.cfg.margin, max_violation(crit, epoch),
-                            crit.cfg.mask_same_image)
+        loss = crit.on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, epoch)
         if cfg.trade_off:
             # t2i: a path vector per caption (mean over all images); i2t: per image (mean over all captions)
             vec = self.path_vectors(p_cols, 0) if cfg.direction == "t2i" else self.path_vectors(p_rows, 1)

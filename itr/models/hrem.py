@@ -31,15 +31,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import LossConfig, component, param
-from itr.distributed import gather_no_grad, gather_with_grad, is_distributed
+from itr.distributed import gather_no_grad, is_distributed
 from itr.errors import ConfigError
 from itr.models.base import MatchingModel
-from itr.modules.encoders import l2norm, length_mask, text_entry
+from itr.modules.encoders import text_entry
 from itr.modules.fragments import FCMLP, CaptionAugment, avg_pool, drop_regions, maxk_pool
 from itr.modules.gpo import GPO
 from itr.modules.losses import hinge_loss
+from itr.modules.ops import l2norm, length_mask
 from itr.registry import MODELS
+from itr.schema import component, param
 
 FRAGMENT_KEYS = ("img_frag", "img_frag_len", "cap_frag", "cap_frag_len")
 
@@ -256,7 +257,7 @@ class HREM(MatchingModel):
         if cfg.embed_dim % cfg.nhead:
             raise ConfigError(f"model.embed_dim={cfg.embed_dim} is not divisible by model.nhead={cfg.nhead}")
         self.cfg = cfg
-        self.loss_cfg = loss_cfg if loss_cfg is not None else LossConfig()
+        self.loss_cfg = self.criterion.cfg
         d = cfg.embed_dim
         self.img_fc = FCMLP(img_dim, d, mlp=cfg.image_mlp, init="xavier")
         self.img_rel = FragmentRelation(d, cfg)
@@ -297,7 +298,7 @@ class HREM(MatchingModel):
         lc = self.loss_cfg
         if kind == "vse":  # lib/loss.py ContrastiveLoss with mask_repeat
             return hinge_loss(im[lo:hi], s[lo:hi], ids[lo:hi], margin=lc.margin,
-                              max_violation=lc.max_violation and epoch >= lc.warmup_epochs,
+                              max_violation=self.criterion.max_violation(epoch),
                               mask_same_image=lc.mask_same_image, img_all=im, cap_all=s, ids_all=ids, offset=lo)
         sim = im @ s.t()
         if lc.mask_same_image:  # lib/loss.py pos_neg_mask: pairs of the same image are positives
@@ -334,12 +335,8 @@ class HREM(MatchingModel):
         cfg = self.cfg
         img, cap = emb["img"].float(), emb["cap"].float()
         n = img.shape[0]
-        glob = self.loss_cfg.global_negatives and is_distributed()
-        if glob:
-            img_all, cap_all, ids_all = gather_with_grad(img), gather_with_grad(cap), gather_no_grad(img_ids)
-            lo = torch.distributed.get_rank() * n
-        else:
-            img_all, cap_all, ids_all, lo = img, cap, img_ids, 0
+        c, ids_all, lo = self.criterion.candidates({"img": img, "cap": cap}, img_ids)
+        img_all, cap_all, glob = c["img"], c["cap"], c["img"] is not img
         hi = lo + n
         seed = _batch_seed(ids_all, epoch)
         gen = torch.Generator(device=img.device).manual_seed(seed)

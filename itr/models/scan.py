@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import component, param
+from itr.schema import component, param
 from itr.errors import ConfigError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import text_entry
-from itr.modules.xattn import tiled_pairs, word_mask, xattn_batch_loss
+from itr.modules.ops import length_mask
+from itr.modules.xattn import tiled_pairs, xattn_batch_loss
 from itr.registry import MODELS
 
 RAW_NORMS = ("clipped_l2norm", "l2norm", "clipped_l1norm", "l1norm", "clipped", "softmax", "no_norm")
@@ -100,7 +101,7 @@ def scan_t2i(img, words, lens, lambda_softmax=9.0, lambda_lse=6.0, agg="LogSumEx
     <w_l, a_l> = sum_r alpha_rl s_rl and ||a_l||^2 = sum_r alpha_rl (G alpha)_rl, G = V V^T (R x R)."""
     ni, R = img.shape[:2]
     nc, L = words.shape[:2]
-    valid = word_mask(lens, L)  # (nc, L)
+    valid = length_mask(lens, L)  # (nc, L)
     words = words * valid[..., None].to(words.dtype)
     s = _pair_dots(img, words)
     if norm in ("clipped_l2norm", "l2norm") and lambda_softmax <= 40:
@@ -125,7 +126,7 @@ def scan_i2t(img, words, lens, lambda_softmax=4.0, lambda_lse=5.0, agg="LogSumEx
     softmax runs over the valid words; ||sum_l alpha_rl w_l||^2 from the caption's (L x L) Gram matrix."""
     ni, R = img.shape[:2]
     nc, L = words.shape[:2]
-    valid = word_mask(lens, L)
+    valid = length_mask(lens, L)
     words = words * valid[..., None].to(words.dtype)
     s = _pair_dots(img, words)
     a = raw_norm(s, norm, 1)
@@ -181,7 +182,7 @@ class SCAN(MatchingModel):
         w = self.txt_enc(batch["text_ids"], batch["text_lens"])
         if self.cfg.txt_norm:
             w = l2norm(w)
-        return w * word_mask(batch["text_lens"], w.shape[1])[..., None].to(w.dtype)
+        return w * length_mask(batch["text_lens"], w.shape[1])[..., None].to(w.dtype)
 
     def embed_captions(self, batch):
         return {"words": self._words(batch), "lens": batch["text_lens"]}

@@ -53,12 +53,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itr.config import param
-from itr.distributed import gather_no_grad, gather_with_grad, is_distributed
+from itr.schema import param
+from itr.distributed import is_distributed
 from itr.errors import ConfigError
-from itr.models.camera import CAMERA, CAMERAConfig, diversity_regularizer, masked_bn, masked_mean, score_hinge
-from itr.models.vsrn import VSRN, VSRNConfig, xavier_linear
-from itr.modules.encoders import l2norm, length_mask, text_entry
+from itr.models.camera import CAMERA, CAMERAConfig
+from itr.models.vsrn import VSRN, VSRNConfig
+from itr.modules.encoders import text_entry
+from itr.modules.ops import diversity_regularizer, l2norm, length_mask, masked_bn, masked_mean, xavier_linear
 from itr.registry import MODELS
 
 
@@ -242,13 +243,10 @@ class SelfAlignMixin:
         n = emb[keys[0]].shape[0]
         with torch.autocast(emb[keys[0]].device.type, enabled=False):
             emb = {k: emb[k].float() for k in keys}
-            if self.criterion.cfg.global_negatives and is_distributed():
-                full = {k: gather_with_grad(v) for k, v in emb.items()}
-                ids_all = gather_no_grad(img_ids)
-                offset = torch.distributed.get_rank() * n
+            full, ids_all, offset = self.criterion.candidates(emb, img_ids)
+            if full is not emb:
                 n_global = full[keys[0]].shape[0]
-            else:
-                full, ids_all, offset = emb, img_ids, 0
+            else:  # one process, or per-rank negatives (whose loss is still over the global batch)
                 n_global = n * (torch.distributed.get_world_size() if is_distributed() else 1)
             total = 0.0
             if cfg.concept:
@@ -304,8 +302,8 @@ class SelfAlignVSRN(SelfAlignMixin, VSRN):
         self.build_alignment(cfg, tokenizer)
 
     def build_text(self, cfg, tokenizer):
-        if cfg.text.get("name") != "gru":
-            raise ConfigError(f"model.text.name={cfg.text.get('name')!r}: selfalign_vsrn uses the GRU text encoder "
+        if cfg.text.name != "gru":
+            raise ConfigError(f"model.text.name={cfg.text.name!r}: selfalign_vsrn uses the GRU text encoder "
                               f"(model.text.name=gru)")
         _, tcfg = text_entry(cfg.text)
         return SelfAlignGRUText(tcfg, len(tokenizer), cfg.embed_dim)
@@ -412,7 +410,7 @@ class SelfAlignCAMERA(SelfAlignMixin, CAMERA):
         return self._cap_embedding(tx, {"cap": (masked_mean(tc["locals"], tx["mask"]), tc["fused"])})
 
     def batch_loss(self, emb, img_ids, epoch):
-        loss = score_hinge(self.criterion, self.score, emb["img"].float(), emb["cap"].float(), img_ids, epoch)
+        loss = self.criterion.with_score(self.score, emb["img"].float(), emb["cap"].float(), img_ids, epoch)
         if self.cfg.concept or self.cfg.context:
             loss = loss + self.alignment_loss(emb, img_ids, epoch)
         return loss

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import param
-from itr.distributed import gather_no_grad, gather_with_grad, is_distributed
+from itr.schema import component_name, param
+from itr.distributed import is_distributed
 from itr.errors import ConfigError
 from itr.models.base import MatchingModel
+from itr.modules.losses import LossConfig
 from itr.modules.encoders import HFTextEncoder, l2norm, text_entry
 from itr.registry import IMAGE_ENCODERS, MODELS
 
@@ -130,7 +131,7 @@ def build_resnet(cfg: ResNetImageConfig):
     from transformers import ResNetConfig, ResNetModel
 
     if cfg.backbone_path:
-        from itr.config import resolve_path
+        from itr.schema import resolve_path
 
         p = resolve_path(cfg.backbone_path)
         if not (p / "config.json").is_file():
@@ -223,10 +224,11 @@ class SentenceMatcherConfig:
     def __post_init__(self):
         if self.loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"model.loss_reduction must be mean or sum, got {self.loss_reduction!r}")
-        if self.text.get("name") != "hf":
-            raise ConfigError(f"model.text.name must be hf for sentence_matcher, got {self.text.get('name')!r}")
-        if self.image.get("name") != "xmatching_resnet":
-            raise ConfigError(f"model.image.name must be xmatching_resnet for sentence_matcher, got {self.image.get('name')!r}")
+        if component_name(self.text) != "hf":
+            raise ConfigError(f"model.text.name must be hf for sentence_matcher, got {component_name(self.text)!r}")
+        if component_name(self.image) != "xmatching_resnet":
+            raise ConfigError(f"model.image.name must be xmatching_resnet for sentence_matcher, "
+                              f"got {component_name(self.image)!r}")
 
 
 @MODELS.register("sentence_matcher", SentenceMatcherConfig)
@@ -234,17 +236,14 @@ class SentenceMatcher(MatchingModel):
     """Raw images and sentences into one space; the paired hinge rank loss (xmatching)."""
 
     def __init__(self, cfg: SentenceMatcherConfig, img_dim: int, tokenizer, loss_cfg=None):
-        super().__init__(loss_cfg)
-        from itr.config import LossConfig, build_section
-
+        super().__init__(loss_cfg if loss_cfg is not None else LossConfig(margin=0.5))
         if img_dim:
             raise ConfigError(f"sentence_matcher embeds raw images, but data.root holds {img_dim}-d precomputed "
                               f"features: point it at image shards (`itr shard images`)")
         self.cfg = cfg
         self.loss_reduction = cfg.loss_reduction  # the trainer logs a mean loss as it is
-        self.loss_cfg = loss_cfg if loss_cfg is not None else LossConfig(margin=0.5)
-        icfg = build_section(ResNetImageConfig, {k: v for k, v in cfg.image.items() if k != "name"}, "model.image")
-        self.img_enc = ResNetImageEncoder(icfg, img_dim, cfg.embed_dim, cfg.mlp_dim, cfg.dropout)
+        self.loss_cfg = self.criterion.cfg
+        self.img_enc = ResNetImageEncoder(cfg.image.config, img_dim, cfg.embed_dim, cfg.mlp_dim, cfg.dropout)
         _, tcfg = text_entry(cfg.text)
         self.txt_enc = MLPTextEncoder(tcfg, len(tokenizer), cfg.embed_dim, cfg.mlp_dim, cfg.dropout)
 
@@ -260,11 +259,9 @@ class SentenceMatcher(MatchingModel):
     def batch_loss(self, emb, img_ids, epoch):
         """This rank's sentences against the images of the global batch (gathered with gradients:
         a partner image on another rank gets its gradient back there)."""
-        img, cap, offset = emb["img"], emb["cap"], 0
-        world = torch.distributed.get_world_size() if is_distributed() else 1
-        if self.loss_cfg.global_negatives and world > 1:
-            offset = torch.distributed.get_rank() * img.shape[0]
-            img, img_ids = gather_with_grad(img), gather_no_grad(img_ids)
+        cap, world = emb["cap"], torch.distributed.get_world_size() if is_distributed() else 1
+        c, img_ids, offset = self.criterion.candidates({"img": emb["img"]}, img_ids)
+        img = c["img"]
         # loss.global_negatives=false: partners within this rank's batch; the mean is still over the global batch
         return paired_hinge_loss(cap, img, img_ids, offset, margin=self.loss_cfg.margin,
                                  mask_same_image=self.loss_cfg.mask_same_image, reduction=self.cfg.loss_reduction,

@@ -30,11 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import component, param
+from itr.schema import component, param
 from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import _transformer_layers, text_entry
-from itr.modules.xattn import tiled_pairs, word_mask, xattn_batch_loss
+from itr.modules.ops import length_mask
+from itr.modules.xattn import tiled_pairs, xattn_batch_loss
 from itr.registry import MODELS
 
 POS_ENCODINGS = ("concat-and-process", "project-and-sum", "none")
@@ -46,7 +47,7 @@ def mrsw(img, words, lens):
     nc, L, _ = words.shape
     s = (img.reshape(ni * R, d) @ words.reshape(nc * L, d).t()).view(ni, R, nc, L)
     best = s.max(dim=1).values  # (ni, nc, L)
-    return best.masked_fill(~word_mask(lens, L)[None], 0.0).sum(-1)
+    return best.masked_fill(~length_mask(lens, L)[None], 0.0).sum(-1)
 
 
 class BoxPositions(nn.Module):
@@ -142,11 +143,11 @@ class TERAN(MatchingModel):
     def _words(self, batch):
         ids, lens = batch["text_ids"], batch["text_lens"]
         x = self.txt_enc(ids, lens)  # (B, L, embed): BERT tokens -> cap_proj
-        pad = ~word_mask(lens, x.shape[1])
+        pad = ~length_mask(lens, x.shape[1])
         x = F.normalize(self.txt_tf(x, src_key_padding_mask=pad), p=2, dim=-1)
         n = (lens - (3 if self.cfg.drop_last_word else 2)).clamp(min=0)  # without [CLS], [SEP] (and the '.')
         x = x[:, 1:]
-        return x * word_mask(n, x.shape[1])[..., None].to(x.dtype), n
+        return x * length_mask(n, x.shape[1])[..., None].to(x.dtype), n
 
     def embed_images(self, batch):
         return self._regions(batch)

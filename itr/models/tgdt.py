@@ -46,46 +46,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from itr.config import component, param
-from itr.distributed import gather_padded, is_distributed
+from itr.schema import component, param
 from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
-from itr.modules.encoders import l2norm, length_mask, text_entry
-from itr.modules.losses import hinge_from_scores
-from itr.modules.xattn import tiled_pairs
+from itr.modules.encoders import text_entry
+from itr.modules.ops import l2norm, length_mask
+from itr.modules.xattn import caption_chunks, tiled_pairs
 from itr.registry import MODELS
 
-# Sub-chunk budget of the batched all-pairs local scores: (images x captions x regions x words) elements.
-PAIR_BUDGET = 1 << 24
 # TGDT's local scores: length-grouped sub-chunks of ~4 MB intermediates stay in cache (docs/performance.md)
 LOCAL_BUDGET = 1 << 20
-
-
-# ----------------------------------------------------------------------------- shared helpers (DIME uses them too)
-
-
-def token_candidates(criterion, emb):
-    """Global-batch candidates of token-level embeddings: every tensor gathered across ranks, zero-padded along
-    its later dimensions (float ones with gradients), and this rank's row offset in them."""
-    if not criterion.cfg.global_negatives or not is_distributed():
-        return emb, 0
-    n = next(iter(emb.values())).shape[0]
-    out = {k: gather_padded(v, grad=v.is_floating_point()) for k, v in emb.items()}
-    return out, torch.distributed.get_rank() * n
-
-
-# the VSE++ hinge on precomputed score matrices, shared with SCAN / TERAN (DIME imports it from here)
-matrix_hinge = hinge_from_scores
-
-
-def max_violation(criterion, epoch):
-    return criterion.cfg.max_violation and epoch >= criterion.cfg.warmup_epochs
-
-
-def caption_chunks(n_img, n_cap, per_pair, budget=PAIR_BUDGET):
-    """Caption sub-chunks so that n_img x chunk x per_pair stays under ``budget`` elements."""
-    step = max(1, budget // max(1, n_img * per_pair))
-    return [(j, min(n_cap, j + step)) for j in range(0, n_cap, step)]
 
 
 # ----------------------------------------------------------------------------- TGDT pieces
@@ -154,8 +124,8 @@ class TGDT(MatchingModel):
         super().__init__(loss_cfg)
         if cfg.test_mode not in ("global", "local", "sum"):
             raise ConfigError(f"model.test_mode={cfg.test_mode!r}; choose global, local or sum")
-        if cfg.text.get("name") not in ("hf_words", "gru_words"):
-            raise ConfigError(f"model.text.name={cfg.text.get('name')!r}: tgdt needs per-token text features "
+        if cfg.text.name not in ("hf_words", "gru_words"):
+            raise ConfigError(f"model.text.name={cfg.text.name!r}: tgdt needs per-token text features "
                               f"(hf_words or gru_words)")
         if img_dim <= 0:
             raise DataError("model.name=tgdt needs precomputed region features (not raw images)")
@@ -171,7 +141,7 @@ class TGDT(MatchingModel):
         # text: token features projected to the joint space (the encoder's own projection = cap_proj)
         entry, tcfg = text_entry(cfg.text)
         self.txt_enc = entry.build(tcfg, len(tokenizer), d)
-        self.bert_cls = cfg.text["name"] == "hf_words"
+        self.bert_cls = cfg.text.name == "hf_words"
         if self.bert_cls and cfg.bert_layers:
             layers = self.txt_enc.backbone.encoder.layer
             if cfg.bert_layers > len(layers):
@@ -275,17 +245,18 @@ class TGDT(MatchingModel):
         cfg, crit = self.cfg, self.criterion
         keys = ("img", "cap", "img_regions", "img_lens", "cap_words", "cap_lens")
         local = {k: emb[k] for k in keys}
-        allc, offset = token_candidates(crit, {**local, "ids": img_ids})
-        mv = max_violation(crit, epoch)
-        hinge = dict(img_ids=img_ids, ids_all=allc["ids"], offset=offset, margin=crit.cfg.margin, max_violation=mv,
-                     mask_same_image=crit.cfg.mask_same_image)
+        allc, ids_all, offset = crit.candidates(local, img_ids)
+
+        def hinge(s_i2t, s_t2i):
+            return crit.on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, epoch)
+
         img_l = {"glob": local["img"], "regions": local["img_regions"], "lens": local["img_lens"]}
         cap_l = {"glob": local["cap"], "words": local["cap_words"], "lens": local["cap_lens"]}
         img_a = {"glob": allc["img"], "regions": allc["img_regions"], "lens": allc["img_lens"]}
         cap_a = {"glob": allc["cap"], "words": allc["cap_words"], "lens": allc["cap_lens"]}
         loss = 0.0
         if cfg.global_weight:
-            g = matrix_hinge(self.global_score(img_l, cap_a), self.global_score(img_a, cap_l).t(), **hinge)
+            g = hinge(self.global_score(img_l, cap_a), self.global_score(img_a, cap_l).t())
             if cfg.consistency_weight:
                 # a term of the whole (gathered) batch: every rank computes it and takes 1/world of it, so the sum
                 # over ranks, and the gradient routed back by the gather, are those of the whole batch
@@ -298,5 +269,5 @@ class TGDT(MatchingModel):
                 s_i2t, s_t2i = s, s.t()
             else:
                 s_i2t, s_t2i = self.local_score(img_l, cap_a), self.local_score(img_a, cap_l).t()
-            loss = loss + cfg.local_weight * matrix_hinge(s_i2t, s_t2i, **hinge)
+            loss = loss + cfg.local_weight * hinge(s_i2t, s_t2i)
         return loss

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from itr.config import component, param
+from itr.schema import component, param
 from itr.models.base import MatchingModel
 from itr.modules.encoders import l2norm, text_entry
 from itr.modules.fragments import FCMLP, CaptionAugment, drop_regions

@@ -7,7 +7,7 @@ negative (``itr.modules.losses.hinge_loss``).
 """
 from dataclasses import dataclass
 
-from itr.config import component, param
+from itr.schema import component, param
 from itr.models.base import MatchingModel
 from itr.modules.encoders import build_image_encoder, text_entry
 from itr.registry import MODELS

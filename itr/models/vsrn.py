@@ -25,42 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from itr.config import component, param
+from itr.schema import component, param
 from itr.errors import ConfigError
 from itr.models.base import MatchingModel
-from itr.modules.encoders import l2norm, text_entry
+from itr.modules.encoders import text_entry
+from itr.modules.ops import L2_AXIS_HELP, check_l2_axis, l2norm, l2norm_over, xavier_linear
 from itr.registry import MODELS
-
-
-L2_AXES = ("regions", "features")
-L2_AXIS_HELP = ("L2 normalization of the (B, regions, D) features: regions = as the reference code, whose "
-                "l2norm(X) sums dim=1, i.e. normalizes each channel over the regions; features = each region "
-                "vector (use it for pooled one-region data, where 'regions' leaves only the signs)")
-
-
-def l2norm_over(x, axis="regions", mask=None, eps=1e-8):
-    """L2 of (B, N, D) over the N positions per channel (``axis="regions"``, the reference's
-    ``l2norm(X)`` with its default dim=1) or over D per position (``"features"``). With ``mask``
-    (B, N), padding positions are zeroed and left out."""
-    if mask is not None:
-        x = x * mask.unsqueeze(-1).to(x.dtype)
-    if axis == "features":
-        return l2norm(x, dim=-1, eps=eps)
-    return x / (x.norm(dim=1, keepdim=True) + eps)
-
-
-def check_l2_axis(value):
-    if value not in L2_AXES:
-        raise ConfigError(f"model.l2_axis={value!r}; choose one of {', '.join(L2_AXES)}")
-    return value
-
-
-def xavier_linear(lin: nn.Linear):
-    """VSE++/VSRN ``init_weights``: U(-r, r) with r = sqrt(6 / (in + out)), bias 0."""
-    r = (6.0 / (lin.in_features + lin.out_features)) ** 0.5
-    nn.init.uniform_(lin.weight, -r, r)
-    nn.init.zeros_(lin.bias)
-    return lin
 
 
 class RsGCN(nn.Module):

@@ -11,17 +11,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from itr.config import param
 from itr.errors import ConfigError
+from itr.modules.ops import l2norm, length_mask
 from itr.registry import IMAGE_ENCODERS, TEXT_ENCODERS
-
-
-def l2norm(x, dim=-1, eps=1e-8):
-    return x / (x.norm(dim=dim, keepdim=True) + eps)
-
-
-def length_mask(lens, max_len):
-    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+from itr.schema import param
 
 
 # ----------------------------------------------------------------------------- image
@@ -200,16 +193,11 @@ class HFTextEncoder(nn.Module):
         return HFTokenizer(resolve_hf_path(cfg.path), max_words=max_words)
 
 
-def build_image_encoder(comp: dict, img_dim: int, embed_dim: int):
-    from itr.config import build_section
-
-    entry = IMAGE_ENCODERS.get(comp["name"])
-    cfg = build_section(entry.config, {k: v for k, v in comp.items() if k != "name"}, "model.image")
-    return entry.build(cfg, img_dim, embed_dim)
+def build_image_encoder(comp, img_dim: int, embed_dim: int):
+    """The image encoder a model's ``image`` component (``itr.schema.Component``) names."""
+    return IMAGE_ENCODERS.get(comp.name).build(comp.config, img_dim, embed_dim)
 
 
-def text_entry(comp: dict):
-    from itr.config import build_section
-
-    entry = TEXT_ENCODERS.get(comp["name"])
-    return entry, build_section(entry.config, {k: v for k, v in comp.items() if k != "name"}, "model.text")
+def text_entry(comp):
+    """(registry entry, typed config) of a model's ``text`` component (``itr.schema.Component``)."""
+    return TEXT_ENCODERS.get(comp.name), comp.config

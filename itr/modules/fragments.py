@@ -18,10 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itr.config import param
 from itr.errors import ConfigError
-from itr.modules.encoders import length_mask, load_backbone, resolve_hf_path
+from itr.modules.encoders import load_backbone, resolve_hf_path
+from itr.modules.ops import length_mask, masked_mean
 from itr.registry import TEXT_ENCODERS
+from itr.schema import param
 
 # ----------------------------------------------------------------------------- image
 
@@ -104,8 +105,7 @@ def maxk_pool(x, lens, k=2):
 
 def avg_pool(x, lens):
     """Mean over the valid positions (HREM ``avg_pool1d_var``)."""
-    m = length_mask(lens, x.shape[1])[..., None].to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+    return masked_mean(x, length_mask(lens, x.shape[1]))
 
 
 # ----------------------------------------------------------------------------- caption augmentation

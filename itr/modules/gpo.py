@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from itr.modules.encoders import length_mask
+from itr.modules.ops import length_mask
 
 
 def positional_encoding_1d(d_model, length, device=None):

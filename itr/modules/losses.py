@@ -1,17 +1,36 @@
-"""Matching losses on embeddings. Written for local queries against (possibly gathered) candidates,
-so the same code serves one process and many.
+"""Matching losses: the config of ``recipe.loss``, one VSE++ hinge on score matrices, and one loss base class.
+
+Written for this rank's queries against (possibly gathered) candidates, so the same code serves one process and
+many: ``ContrastiveLoss.candidates`` is the one gather of the global batch (OpenCLIP's gather-with-grad + local
+loss), ``max_violation`` the one warm-up rule, ``hinge_from_scores`` the one hinge, used by every model.
 """
 from dataclasses import dataclass
 
 import torch
 
-from itr.distributed import gather_no_grad, gather_with_grad, is_distributed
-from itr.registry import LOSSES
+from itr.distributed import gather_no_grad, gather_padded, gather_with_grad, is_distributed
+from itr.schema import param
+
+
+@dataclass
+class LossConfig:
+    name: str = param("hinge", "the loss: hinge (VSE++'s bidirectional triplet loss)", choices=("hinge",))
+    margin: float = param(0.2, "hinge margin")
+    max_violation: bool = param(True, "hardest negative only (VSE++); false sums all violations (VSE0)")
+    warmup_epochs: int = param(0, "epochs of summed violations before switching to max violation (VSE-infinity uses 1)")
+    mask_same_image: bool = param(True, "captions of the same image in a batch are not negatives (across ranks too)")
+    global_negatives: bool = param(True, "mine negatives over the global batch (all ranks, gathered with gradients); "
+                                         "false: each rank's own pairs only")
+
+
+def max_violation(cfg, epoch):
+    """Hardest negatives (VSE++) once the warm-up of summed violations (``loss.warmup_epochs``) is over."""
+    return cfg.max_violation and epoch >= cfg.warmup_epochs
 
 
 def hinge_loss(img, cap, img_ids, margin=0.2, max_violation=True, mask_same_image=True,
                img_all=None, cap_all=None, ids_all=None, offset=0):
-    """Bidirectional hinge (triplet) loss of VSE++, summed over the queries of this batch.
+    """Bidirectional hinge (triplet) loss of VSE++ on global embeddings, summed over the queries of this batch.
 
     ``img[i]`` and ``cap[i]`` are a positive pair. Each image is a query against the
     candidate captions ``cap_all`` and each caption against the candidate images
@@ -55,42 +74,62 @@ def hinge_from_scores(s_i2t, s_t2i, img_ids, ids_all, offset=0, margin=0.2, max_
 
 
 class ContrastiveLoss(torch.nn.Module):
-    """Base for losses over (image, caption) embeddings with in-batch negatives.
+    """Base for losses over (image, caption) embeddings with global-batch negatives.
 
-    ``candidates`` gathers every rank's embeddings with gradients (OpenCLIP's
-    gather-with-grad + local loss): each rank scores its own queries against the global
-    batch, the sum over ranks is the loss of the global batch, and the gather's backward
-    routes every rank's gradient to the embeddings' owner. Embeddings are scored in fp32.
+    ``candidates`` gathers every rank's embeddings with gradients (OpenCLIP's gather-with-grad + local loss):
+    each rank scores its own queries against the global batch, the sum over ranks is the loss of the global
+    batch, and the gather's backward routes every rank's gradient to the embeddings' owner.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
 
-    def candidates(self, img, cap, img_ids):
-        if not self.cfg.global_negatives or not is_distributed():
-            return {}
-        return {"img_all": gather_with_grad(img), "cap_all": gather_with_grad(cap), "ids_all": gather_no_grad(img_ids),
-                "offset": torch.distributed.get_rank() * img.shape[0]}
-
-
-@dataclass
-class _HingeCfg:
-    pass
-
-
-@LOSSES.register("hinge", _HingeCfg)
-class HingeLoss(ContrastiveLoss):
-    """VSE++ loss with an optional warm-up of summed violations (``loss.warmup_epochs``)."""
-
     def max_violation(self, epoch):
-        return self.cfg.max_violation and epoch >= self.cfg.warmup_epochs
+        return max_violation(self.cfg, epoch)
+
+    def candidates(self, local, ids):
+        """(candidates, their image ids, this rank's row offset in them) of the global batch.
+
+        ``local``: this rank's tensors, batch first; token-level ones (n, L, ...) are zero-padded along their
+        later dimensions to the longest across ranks; float ones are gathered with gradients. One process, or
+        ``loss.global_negatives: false``: ``local`` itself."""
+        if not self.cfg.global_negatives or not is_distributed():
+            return local, ids, 0
+        n = ids.shape[0]
+        out = {}
+        for k, v in local.items():
+            if v.dim() > 2:
+                out[k] = gather_padded(v, grad=v.is_floating_point())
+            else:
+                out[k] = gather_with_grad(v) if v.is_floating_point() else gather_no_grad(v)
+        return out, gather_no_grad(ids), torch.distributed.get_rank() * n
+
+
+class HingeLoss(ContrastiveLoss):
+    """VSE++'s hinge with an optional warm-up of summed violations (``loss.warmup_epochs``); embeddings in fp32."""
 
     def forward(self, out, batch, epoch):
         img, cap, ids = out["img"].float(), out["cap"].float(), batch["img_ids"]
-        return hinge_loss(img, cap, ids, margin=self.cfg.margin, max_violation=self.max_violation(epoch),
-                          mask_same_image=self.cfg.mask_same_image, **self.candidates(img, cap, ids))
+        c, ids_all, offset = self.candidates({"img": img, "cap": cap}, ids)
+        return hinge_loss(img, cap, ids, self.cfg.margin, self.max_violation(epoch), self.cfg.mask_same_image,
+                          c["img"], c["cap"], ids_all, offset)
+
+    def on_scores(self, s_i2t, s_t2i, img_ids, ids_all, offset, epoch, pos=None):
+        """The hinge on precomputed (this rank's queries x candidates) score matrices (``hinge_from_scores``)."""
+        return hinge_from_scores(s_i2t, s_t2i, img_ids, ids_all, offset, self.cfg.margin, self.max_violation(epoch),
+                                 self.cfg.mask_same_image, pos=pos)
+
+    def with_score(self, score, img, cap, img_ids, epoch):
+        """The hinge for a model whose similarity is ``score(img, cap) -> (n, m)`` rather than a dot product of
+        global vectors (CAMERA's best view): this rank's queries against the gathered candidates; the positives'
+        scores taken from the image-query side for both directions."""
+        c, ids_all, offset = self.candidates({"img": img, "cap": cap}, img_ids)
+        s_i2t = score(img, c["cap"])
+        rows = torch.arange(img.shape[0], device=img.device)
+        return self.on_scores(s_i2t, score(c["img"], cap).t(), img_ids, ids_all, offset, epoch,
+                              pos=s_i2t[rows, offset + rows])
 
 
 def build_loss(loss_cfg):
-    return LOSSES.get(loss_cfg.name).build(loss_cfg)
+    return HingeLoss(loss_cfg)

@@ -1,23 +1,23 @@
-"""Shared pieces of the token-level (cross-attention) models (SCAN, TERAN).
+"""Shared pieces of the token-level (cross-attention) models (SCAN, TERAN, TGDT, DIME).
 
 - ``tiled_pairs``: evaluates a batched all-pairs scorer ``fn(img (ni, R, d), words (nc, L, d), lens (nc,))``
   on sub-chunks of a tile so that the (ni, nc, R, L) intermediates stay under ``budget`` elements.
-- ``hinge_on_scores`` (= ``itr.modules.losses.hinge_from_scores``): the VSE++ bidirectional hinge on precomputed
-  score matrices, for models whose similarity is not a dot product of global embeddings.
-- ``xattn_batch_loss``: the loss of this rank's queries against the global batch for such models:
-  candidates are gathered with gradients (``gather_padded``; word features are zero-padded to the
-  longest caption across ranks) when ``loss.global_negatives`` and distributed, as ``ContrastiveLoss.candidates``.
+- ``caption_chunks``: caption sub-chunks under a budget of elements per pair.
+- ``xattn_batch_loss``: the loss of this rank's queries against the global batch for such models, with the
+  criterion's own gather of candidates and hinge (``itr.modules.losses``).
 """
 import math
 
 import torch
 
-from itr.distributed import gather_no_grad, gather_padded, is_distributed
-from itr.modules.losses import hinge_from_scores as hinge_on_scores  # noqa: F401  (re-exported)
+# Sub-chunk budget of batched all-pairs scores: (images x captions x per-pair) elements.
+PAIR_BUDGET = 1 << 24
 
 
-def word_mask(lens, max_len):
-    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+def caption_chunks(n_img, n_cap, per_pair, budget=PAIR_BUDGET):
+    """Caption sub-chunks so that n_img x chunk x per_pair stays under ``budget`` elements."""
+    step = max(1, budget // max(1, n_img * per_pair))
+    return [(j, min(n_cap, j + step)) for j in range(0, n_cap, step)]
 
 
 def length_groups(lens, rows):
@@ -74,18 +74,11 @@ def xattn_batch_loss(scores, img, cap, cap_lens, img_ids, criterion, epoch):
     One process: the (n x n) matrix once. Distributed with global negatives: this rank's images against
     every caption and every image against this rank's captions (2 n N pairs per rank, not N^2).
     """
-    cfg = criterion.cfg
-    mv = criterion.max_violation(epoch) if hasattr(criterion, "max_violation") else cfg.max_violation
-    if cfg.global_negatives and is_distributed():
-        img_all = gather_padded(img)
-        cap_all = gather_padded(cap)
-        lens_all = gather_no_grad(cap_lens)
-        ids_all = gather_no_grad(img_ids)
-        offset = torch.distributed.get_rank() * img.shape[0]
-        s_i2t = scores(img, cap_all, lens_all)
-        s_t2i = scores(img_all, cap, cap_lens).t()
-    else:
+    c, ids_all, offset = criterion.candidates({"img": img, "cap": cap, "lens": cap_lens}, img_ids)
+    if c["img"] is img:
         s = scores(img, cap, cap_lens)
-        s_i2t, s_t2i, ids_all, offset = s, s.t(), img_ids, 0
-    return hinge_on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, margin=cfg.margin, max_violation=mv,
-                           mask_same_image=cfg.mask_same_image)
+        s_i2t, s_t2i = s, s.t()
+    else:
+        s_i2t = scores(img, c["cap"], c["lens"])
+        s_t2i = scores(c["img"], cap, cap_lens).t()
+    return criterion.on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, epoch)
