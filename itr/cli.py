@@ -32,12 +32,12 @@ def _shard_images(a):
 
 
 def _eval(a):
-    from itr.eval.job import run_eval
+    from itr.eval.job import EvalRequest, run_eval
 
-    run_eval(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
-             chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
-             compare_full=a.compare_full, log_to_run=a.log_to_run, log_run=a.log_run, experiment=a.experiment,
-             tracking_uri=a.tracking_uri, run_name=a.run_name)
+    run_eval(EvalRequest(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
+                         chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
+                         compare_full=a.compare_full, log_to_run=a.log_to_run, log_run=a.log_run,
+                         experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name))
 
 
 def _compare(a):

@@ -257,3 +257,78 @@ def test_a_server_that_never_answers_costs_one_short_timeout(tmp_path, monkeypat
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1" and not t.online
     assert start < 12 and total - start < 1, (start, total)
     assert len(tracking.read_journal(tmp_path / tracking.JOURNAL)) == 2 + 20 + 1  # start, offline, metrics, end
+
+
+def test_batches_over_mlflow_caps_go_through_tracker_and_sync(tmp_path, store):
+    """MLflow refuses more than 100 params / 100 tags / 1000 metrics in one batch: the Tracker and `itr sync`
+    share one batching that cuts them, and a replay of all of it adds nothing."""
+    t = tracking.Tracker(_cfg(store), journal=tmp_path / tracking.JOURNAL)
+    t.log_params({f"p{i}": i for i in range(250)})
+    t.set_tags({f"t{i}": i for i in range(150)})
+    t.log_metrics({f"m{i}": float(i) for i in range(1200)}, step=1)
+    t.finish()
+    assert t.online
+    client = mlflow.tracking.MlflowClient(store)
+    r = client.get_run(t.run_id)
+    assert len(r.data.params) == 250 and r.data.tags["t149"] == "149" and len(r.data.metrics) == 1200
+    out = tracking.sync(tmp_path, quiet=True)
+    assert (out[0]["run_id"], out[0]["metrics"], out[0]["params"], out[0]["created"]) == (t.run_id, 0, 0, False)
+
+
+def test_log_evaluation_adds_to_a_run_without_ending_it_again(tmp_path, store):
+    """`itr eval --log-to-run`: a Tracker attached to the training's run adds metrics, tags and artifacts and
+    leaves its status and end time alone; an unreachable store only warns."""
+    t = tracking.Tracker(_cfg(store))
+    t.finish("FAILED")
+    client = mlflow.tracking.MlflowClient(store)
+    before = client.get_run(t.run_id).info
+    (tmp_path / "m.json").write_text("{}")
+    metrics = {k: 10.0 for k in KEYS} | {"folds": [], "timing": {"global_s": 1.0}}
+    assert tracking.log_evaluation(metrics, "test_5k_", uri=store, run_id=t.run_id, experiment="elsewhere",
+                                   checkpoint="ck", data="d", artifacts=[tmp_path / "m.json"]) == t.run_id
+    r = client.get_run(t.run_id)
+    assert (r.info.status, r.info.end_time) == (before.status, before.end_time) == ("FAILED", before.end_time)
+    assert {f"test_5k_{k}" for k in KEYS} == set(r.data.metrics) and r.data.tags["eval.test_5k_checkpoint"] == "ck"
+    assert [a.path for a in client.list_artifacts(t.run_id, "eval")] == ["eval/m.json"]
+    assert client.get_experiment_by_name("elsewhere") is None  # the run has its experiment
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        dead = f"http://127.0.0.1:{free_port()}"
+        assert tracking.log_evaluation(metrics, "test_5k_", uri=dead, experiment="x", checkpoint="ck", data="d") is None
+    assert any("MLflow logging of the evaluation failed" in str(x.message) for x in w)
+    assert not tracking.tracker._ACTIVE  # nothing left for end_active to close
+
+
+def test_tracking_imports_neither_the_trainer_nor_models():
+    import subprocess
+    import sys
+
+    code = ("import sys, itr.tracking; bad = [m for m in sys.modules if m.startswith(('itr.train', 'itr.models', "
+            "'itr.eval', 'mlflow', 'torch'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_run_eval_takes_a_request_and_nothing_else(tmp_path):
+    from itr.eval.job import EvalRequest, run_eval
+
+    req = EvalRequest(tmp_path, tmp_path, "test", experiment="e")
+    assert req.logs_to_mlflow and not EvalRequest(tmp_path, tmp_path, "test").logs_to_mlflow
+    with pytest.raises(TypeError):
+        run_eval(req, protocol="1k")
+
+
+def test_a_resumed_tracker_runs_the_same_run_again_and_keeps_its_params(tmp_path, store):
+    t = tracking.Tracker(_cfg(store), journal=tmp_path / tracking.JOURNAL)
+    t.log_params({"optim.lr": 0.1})
+    t.finish("KILLED")
+    again = tracking.Tracker(_cfg(store, experiment="not-this-one"), run_id=t.run_id,
+                             journal=tmp_path / tracking.JOURNAL)
+    client = mlflow.tracking.MlflowClient(store)
+    assert again.online and again.experiment_id == t.experiment_id
+    assert client.get_run(t.run_id).info.status == "RUNNING"
+    again.log_params({"optim.lr": 0.2, "train.epochs": 3})  # a changed value is not an error; it stays
+    again.finish()
+    r = client.get_run(t.run_id)
+    assert r.info.status == "FINISHED" and r.data.params == {"optim.lr": "0.1", "train.epochs": "3"}
+    assert [s["resumed"] for s in tracking.read_journal(tmp_path / tracking.JOURNAL) if s["op"] == "start"] == [False, True]
