@@ -89,13 +89,34 @@ def _config(a):
 def parser():
     p = argparse.ArgumentParser(prog="itr", description="Image-text retrieval training toolkit")
     sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_train, _add_shard, _add_eval, _add_compare, _add_tools):
+        add(sub)
+    from itr.submit import add_parser as add_submit_parser
 
+    add_submit_parser(sub).set_defaults(fn=_submit)
+    c = sub.add_parser("config", help="print every recipe key with its value and meaning")
+    c.add_argument("recipe", nargs="?")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(fn=_config)
+    return p
+
+
+def _add_train(sub):
     t = sub.add_parser("train", help="train from a YAML recipe (also under `accelerate launch -m itr train`)")
     t.add_argument("recipe", help="recipe YAML (see recipes/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=1e-4")
     t.add_argument("--out", required=True, help="run directory: checkpoints DIR/last and DIR/best, results.json")
     t.set_defaults(fn=_train)
 
+
+def _shard_order_args(sp, order):
+    sp.add_argument("--images-per-shard", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
+    sp.add_argument("--no-shuffle", action="store_true", help=f"keep the {order} image order")
+    sp.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+
+
+def _add_shard(sub):
     s = sub.add_parser("shard", help="build WebDataset shards from a research data format")
     ssub = s.add_subparsers(dest="format", required=True)
     sp = ssub.add_parser("precomp", help="SCAN precomp split ({split}_ims.npy + {split}_caps.txt) -> shards")
@@ -103,22 +124,18 @@ def parser():
     sp.add_argument("split")
     sp.add_argument("out_dir")
     sp.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
-    sp.add_argument("--images-per-shard", type=int, default=1000)
-    sp.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
-    sp.add_argument("--no-shuffle", action="store_true", help="keep the source image order")
-    sp.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+    _shard_order_args(sp, "source")
     sp.set_defaults(fn=_shard)
     si = ssub.add_parser("images", help="captions JSON (Karpathy or COCO) + image folder -> shards of JPEG bytes")
     si.add_argument("captions_json")
     si.add_argument("image_dir")
     si.add_argument("split", help="Karpathy split field (train, val, test, restval; join with +)")
     si.add_argument("out_dir")
-    si.add_argument("--images-per-shard", type=int, default=1000)
-    si.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
-    si.add_argument("--no-shuffle", action="store_true", help="keep the file's image order")
-    si.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+    _shard_order_args(si, "file's")
     si.set_defaults(fn=_shard_images)
 
+
+def _add_eval(sub):
     e = sub.add_parser("eval", help="evaluate a checkpoint (R@1/5/10, medr, meanr, rsum)")
     e.add_argument("checkpoint", help="DIR/best, DIR/last or a run directory")
     e.add_argument("--data", required=True, help="precomp directory or shard directory")
@@ -145,6 +162,8 @@ def parser():
     e.add_argument("--run-name", help="name of the new evaluation run")
     e.set_defaults(fn=_eval)
 
+
+def _add_compare(sub):
     cm = sub.add_parser("compare", help="MLflow runs side by side, sorted by rsum (table, CSV, Markdown, plot)")
     cm.add_argument("--experiment", help="experiment name (default: itr; ignored with --runs)")
     cm.add_argument("--filter", help="MLflow search filter, e.g. \"tags.sweep = 'lr'\" or \"params.optim.lr = '0.0002'\"")
@@ -158,6 +177,8 @@ def parser():
     cm.add_argument("--max-runs", type=int, default=200, help="at most this many runs from a search")
     cm.set_defaults(fn=_compare)
 
+
+def _add_tools(sub):
     sy = sub.add_parser("sync", help="upload a run directory's MLflow journal (after the server was unreachable)")
     sy.add_argument("run_dir", help="the --out directory of `itr train` (holds mlflow_journal.jsonl)")
     sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run was started with)")
@@ -186,16 +207,6 @@ def parser():
     d.add_argument("--out", default="itr-demo", help="demo directory (data, shards, run)")
     d.add_argument("--recipe", default=None, help="default: recipes/synthetic/vsepp_gru.yaml")
     d.set_defaults(fn=_demo)
-
-    from itr.submit import add_parser as add_submit_parser
-
-    add_submit_parser(sub).set_defaults(fn=_submit)
-
-    c = sub.add_parser("config", help="print every recipe key with its value and meaning")
-    c.add_argument("recipe", nargs="?")
-    c.add_argument("overrides", nargs="*")
-    c.set_defaults(fn=_config)
-    return p
 
 
 def _drop_local_rank(argv):

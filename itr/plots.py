@@ -27,12 +27,7 @@ def training_curves(history, path, title=""):
         ax3.set_ylabel("rsum")
         ax2.legend(loc="lower right", fontsize=8)
     ax2.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def recall_at_k(named_metrics, path, title=""):
@@ -53,12 +48,7 @@ def recall_at_k(named_metrics, path, title=""):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("recall (%)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def compare_runs(rows, histories, path, metric="rsum", title="run comparison"):
@@ -88,7 +78,12 @@ def compare_runs(rows, histories, path, metric="rsum", title="run comparison"):
     ax2.grid(alpha=0.3)
     if any(histories.get(label) for label in labels):
         ax2.legend(fontsize=7)
-    fig.suptitle(title)
+    return _save(fig, path, title)
+
+
+def _save(fig, path, title=""):
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

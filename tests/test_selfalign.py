@@ -12,7 +12,7 @@ from itr.data.loader import collate_tokens
 from itr.errors import ConfigError
 from itr.eval.job import run_eval
 from itr.models import build_model, make_tokenizer
-from itr.models.selfalign import ConceptAlignment, cra_loss, sinkhorn
+from itr.modules.alignment import ConceptAlignment, cra_loss, sinkhorn
 from itr.train import train
 
 from conftest import ROOT, tiny_overrides

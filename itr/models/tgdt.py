@@ -51,7 +51,7 @@ from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import text_entry
 from itr.modules.ops import l2norm, length_mask
-from itr.modules.xattn import caption_chunks, tiled_pairs
+from itr.modules.xattn import tiled_pairs
 from itr.registry import MODELS
 
 # TGDT's local scores: length-grouped sub-chunks of ~4 MB intermediates stay in cache (docs/performance.md)

@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from itr.schema import component, param
-from itr.errors import ConfigError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import text_entry
 from itr.modules.ops import L2_AXIS_HELP, check_l2_axis, l2norm, l2norm_over, xavier_linear

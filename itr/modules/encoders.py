@@ -7,7 +7,6 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 

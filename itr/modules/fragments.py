@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itr.errors import ConfigError
-from itr.modules.encoders import load_backbone, resolve_hf_path
+from itr.modules.encoders import GRUTextEncoder, load_backbone, resolve_hf_path
 from itr.modules.ops import length_mask, masked_mean
 from itr.registry import TEXT_ENCODERS
 from itr.schema import param
@@ -183,15 +183,9 @@ class GRUWordsConfig:
 
 
 @TEXT_ENCODERS.register("gru_words", GRUWordsConfig)
-class GRUWordsEncoder(nn.Module):
-    """Word embeddings -> (Bi)GRU -> per-word features (B, L, embed), directions averaged."""
-
-    def __init__(self, cfg: GRUWordsConfig, vocab_size: int, embed_dim: int):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(vocab_size, cfg.word_dim)
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        self.rnn = nn.GRU(cfg.word_dim, embed_dim, cfg.num_layers, batch_first=True, bidirectional=cfg.bidirectional)
+class GRUWordsEncoder(GRUTextEncoder):
+    """Word embeddings -> (Bi)GRU -> per-word features (B, L, embed), directions averaged (the layers of
+    ``GRUTextEncoder``, every word's output instead of the final state)."""
 
     def forward(self, ids, lens):
         x = self.embed(ids)
