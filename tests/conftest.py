@@ -1,7 +1,11 @@
 import contextlib
+import functools
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,91 @@ def tiny_overrides(root, **extra):
     }
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
+
+
+# ----------------------------------------------------------------------------- step equivalence over ranks
+
+STEP = ROOT / "tests" / "helpers" / "step.py"
+
+
+@functools.lru_cache(maxsize=None)
+def _step_module():
+    spec = importlib.util.spec_from_file_location("itr_test_step", STEP)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _runs(runs):
+    """Each run: "model", ("model", accum) or ("model", accum, {"global_negatives": False})."""
+    out = []
+    for r in runs:
+        r = (r,) if isinstance(r, str) else tuple(r)
+        out.append({"model": r[0], "accum": r[1] if len(r) > 1 else 1, **(r[2] if len(r) > 2 else {})})
+    return out
+
+
+def launch_steps(procs, *runs, bert=None, timeout=300):
+    """One step of tests/helpers/step.py per run on ``procs`` ranks; their results, in order.
+
+    1 rank runs in this process (no start-up to pay); more is one ``accelerate launch`` for all the
+    runs, so a test file pays its ~8 s of start-up once, not once per configuration."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    spec = {"runs": _runs(runs), "bert": str(bert) if bert else None}
+    if procs == 1:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        try:
+            with one_thread(), torch.random.fork_rng(devices=[]):  # the caller's RNG untouched
+                results = _step_module().run_all(spec)
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    else:
+        results = _launched(procs, spec, timeout)
+    assert [r["world"] for r in results] == [procs] * len(results), "the launcher started the wrong world size"
+    return results
+
+
+def _launched(procs, spec, timeout):
+    import torch
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "steps.pt"
+        cmd = [str(accelerate if accelerate.exists() else "accelerate"), "launch", "--multi_gpu", "--num_processes",
+               str(procs), "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+               "--main_process_port", "0", str(STEP), str(out), json.dumps(spec)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        assert p.returncode == 0, f"{STEP.name} on {procs} ranks failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+        return torch.load(out)
+
+
+def assert_same_step(got, ref, what="", rel=1e-5, rtol=1e-4, atol=1e-6):
+    """The same loss and the same gradient for every parameter; a failure names the parameter."""
+    import torch
+
+    assert got["loss"] == pytest.approx(ref["loss"], rel=rel), f"{what}: loss {got['loss']} != {ref['loss']}"
+    assert got["grads"].keys() == ref["grads"].keys(), \
+        f"{what}: gradients of different parameters: {sorted(got['grads'].keys() ^ ref['grads'].keys())}"
+    for k in ref["grads"]:
+        torch.testing.assert_close(got["grads"][k], ref["grads"][k], rtol=rtol, atol=atol,
+                                   msg=lambda m, k=k: f"{what}: gradient of {k}: {m}")
+
+
+def assert_split_steps_equal(model, splits, bert=None, **options):
+    """The step of ``model`` on the whole batch in one process against the same step split as each
+    (ranks, accumulation steps) of ``splits`` (one launch per number of ranks); returns the reference,
+    for the test's own checks of what it covers."""
+    one = [a for p, a in splits if p == 1]
+    ref, *accumulated = launch_steps(1, *[(model, a, options) for a in (1, *one)], bert=bert)
+    for a, got in zip(one, accumulated):
+        assert_same_step(got, ref, f"{model}, 1 rank x {a} micro-batches")
+    for procs in sorted({p for p, _ in splits if p > 1}):
+        accums = [a for p, a in splits if p == procs]
+        for a, got in zip(accums, launch_steps(procs, *[(model, a, options) for a in accums], bert=bert)):
+            assert_same_step(got, ref, f"{model}, {procs} ranks x {a} micro-batches")
+    return ref

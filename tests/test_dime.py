@@ -9,7 +9,7 @@ from itr.models import build_model, make_tokenizer
 from itr.models.dime import Router, route_many, route_one
 from itr.modules.losses import hinge_from_scores
 
-from conftest import ROOT
+from conftest import ROOT, assert_split_steps_equal
 
 RECIPE = ROOT / "recipes" / "synthetic" / "dime_t2i.yaml"
 CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog",
@@ -116,22 +116,8 @@ def test_a_few_steps_reduce_the_loss(tiny_bert):
 
 
 def test_accumulation_gives_the_whole_batch_step(tiny_bert):
-    from test_tgdt import _step
-
-    def model_fn():
-        m, tok = _model(tiny_bert, "i2t")  # i2t: no per-micro-batch BatchNorm on the image side
-        m.txt_enc.eval()  # the frozen text model's dropout is per micro-batch by nature
-        return m, tok
-
-    def batch_fn(tok):
-        return _batch(tok, img_ids=torch.tensor([0, 1, 2, 0, 3, 4, 2, 5]))
-
-    ref_loss, ref = _step(1, model_fn, batch_fn)
-    loss, grads = _step(2, model_fn, batch_fn)
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert grads.keys() == ref.keys() and "path_mapping.weight" in grads and "layers.2.sa.q.weight" in grads
-    for k in ref:
-        torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-6)
+    ref = assert_split_steps_equal("dime_i2t", [(1, 2)], bert=tiny_bert)
+    assert "path_mapping.weight" in ref["grads"] and "layers.2.sa.q.weight" in ref["grads"]
 
 
 def test_train_one_epoch_then_the_checkpoint_evaluates_the_same(tiny_data, tiny_bert, tmp_path):

@@ -1,10 +1,6 @@
 """HREM: fragment-level encoders, the instance-level relations and losses, exactness of its batch-level
 module under gradient accumulation and 2 ranks, and a training run."""
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,10 +13,9 @@ from itr.models.hrem import _batch_seed, _topk_filled
 from itr.modules.fragments import avg_pool, maxk_pool
 from itr.modules.losses import hinge_loss
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, assert_split_steps_equal, tiny_overrides
 
 RECIPE = ROOT / "recipes" / "synthetic" / "hrem.yaml"
-HELPER = ROOT / "tests" / "helpers" / "hrem_step.py"
 CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog",
         "a cat and a kite", "an image showing a bus", "a green tree", "a boat near a bridge"]
 
@@ -241,58 +236,16 @@ def test_a_few_steps_reduce_the_loss():
 # ----------------------------------------------------------------------------- exactness of the batch-level module
 
 
-def _helper():
-    sys.path.insert(0, str(HELPER.parent))
-    import hrem_step
-
-    return hrem_step
-
-
-def _same(a, b):
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["grads"].keys() == b["grads"].keys()
-    for k in a["grads"]:
-        torch.testing.assert_close(a["grads"][k], b["grads"][k], rtol=1e-4, atol=1e-6)
-
-
-def _in_process(accum, loss):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from itr.distributed import make_accelerator
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return _helper().main(None, accum, loss, acc=make_accelerator(grad_accum=accum, cpu=True))
-
-
-def _launched(tmp_path, procs, accum, loss):
-    out = tmp_path / f"w{procs}a{accum}{loss}.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-           "--dynamo_backend", "no", "--mixed_precision", "no", "--main_process_port", "0",
-           str(HELPER), str(out), str(accum), loss]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r = torch.load(out)
-    assert r["world"] == procs
-    return r
-
-
 @pytest.mark.parametrize("loss", ["trip", "vse"])
 def test_accumulation_gives_the_whole_batch_gradients(loss):
-    ref = _in_process(1, loss)
+    ref = assert_split_steps_equal(f"hrem_{loss}", [(1, 2), (1, 4)])
     assert any(k.startswith("interaction.gnn.") for k in ref["grads"]) and "interaction.mlp_i2t.0.weight" in ref["grads"]
-    _same(_in_process(2, loss), ref)
-    _same(_in_process(4, loss), ref)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["trip"])  # the vse variant shares the gather path (its loss is tested above)
-def test_two_ranks_give_the_whole_batch_gradients(tmp_path, loss):
-    ref = _in_process(1, loss)
-    _same(_launched(tmp_path, 2, 1, loss), ref)
-    _same(_launched(tmp_path, 2, 2, loss), ref)  # ranks and accumulation together
+def test_two_ranks_give_the_whole_batch_gradients(loss):
+    assert_split_steps_equal(f"hrem_{loss}", [(2, 1), (2, 2)])  # ranks, and ranks and accumulation together
 
 
 # ----------------------------------------------------------------------------- training run

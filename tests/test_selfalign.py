@@ -1,8 +1,3 @@
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +10,9 @@ from itr.models import build_model, make_tokenizer
 from itr.modules.alignment import ConceptAlignment, cra_loss, sinkhorn
 from itr.train import train
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, assert_same_step, assert_split_steps_equal, launch_steps, tiny_overrides
 
 VSRN_RECIPE = ROOT / "recipes" / "synthetic" / "selfalign_vsrn.yaml"
-STEP = ROOT / "tests" / "helpers" / "selfalign_step.py"
 CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog"] * 4
 
 
@@ -226,64 +220,31 @@ def test_train_one_epoch_then_the_checkpoint_evaluates_the_same(tiny_data, tmp_p
 # ----------------------------------------------------------------------------- global batch
 
 
-def _in_process(accum, kind):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("selfalign_step", STEP)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    r = mod.step(accum, kind)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)  # the next step builds its own accelerator
-    GradientState._reset_state()
-    return r
-
-
-def _step(tmp_path, procs, accum, kind="vsrn", global_negatives="true"):
-    out = tmp_path / f"{kind}w{procs}a{accum}{global_negatives}.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    if procs == 1:
-        cmd = [sys.executable, str(STEP), str(out), str(accum), kind, global_negatives]
-    else:
-        accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-               "--dynamo_backend", "no", "--mixed_precision", "no", "--main_process_port", "0",
-               str(STEP), str(out), str(accum), kind, global_negatives]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r = torch.load(out)
-    assert r["world"] == procs
-    return r
-
-
-def _same(a, b):
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["grads"].keys() == b["grads"].keys()
-    for k in a["grads"]:
-        torch.testing.assert_close(a["grads"][k], b["grads"][k], rtol=1e-4, atol=1e-6, msg=k)
-
-
 @pytest.mark.parametrize("kind", ["vsrn", "camera"])
-def test_accumulation_gives_the_whole_batch_gradients_prototypes_included(kind):
-    ref = _in_process(1, kind)
+def test_accumulation_gives_the_whole_batch_gradients_prototypes_included(kind, tiny_bert):
+    ref = assert_split_steps_equal(f"selfalign_{kind}", [(1, 2), (1, 4)], bert=tiny_bert)
     assert ref["grads"]["lca.prototypes.weight"].abs().sum() > 0
-    _same(_in_process(2, kind), ref)
-    _same(_in_process(4, kind), ref)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The 2-rank runs of the next two tests, in one launch: {(kind, accum, global_negatives): result}."""
+    runs = [("vsrn", 1, True), ("vsrn", 2, True), ("vsrn", 1, False)]
+    return dict(zip(runs, launch_steps(2, *[(f"selfalign_{k}", a, {"global_negatives": g}) for k, a, g in runs])))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vsrn"])  # camera: the same batch-level code; its accumulation test runs above
-def test_two_ranks_give_the_whole_batch_gradients_prototypes_included(tmp_path, kind):
-    ref = _step(tmp_path, 1, 1, kind)
-    _same(_step(tmp_path, 2, 1, kind), ref)
-    _same(_step(tmp_path, 2, 2, kind), ref)  # ranks and accumulation together
+def test_two_ranks_give_the_whole_batch_gradients_prototypes_included(two_ranks, kind):
+    ref = launch_steps(1, f"selfalign_{kind}")[0]
+    assert_same_step(two_ranks[kind, 1, True], ref, "2 ranks")
+    assert_same_step(two_ranks[kind, 2, True], ref, "2 ranks x 2")  # ranks and accumulation together
 
 
 @pytest.mark.slow
-def test_per_rank_alignment_differs_from_the_global_batch(tmp_path):
-    ref = _step(tmp_path, 1, 1)
-    local = _step(tmp_path, 2, 1, global_negatives="false")
+def test_per_rank_alignment_differs_from_the_global_batch(two_ranks):
+    ref = launch_steps(1, "selfalign_vsrn")[0]
+    local = two_ranks["vsrn", 1, False]
     assert not torch.allclose(local["grads"]["lca.prototypes.weight"], ref["grads"]["lca.prototypes.weight"])
 
 

@@ -2,10 +2,7 @@
 a pretrained transformers ResNet from a local directory, training on real JPEG shards, and the
 global batch over ranks / accumulation steps."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from itr.errors import ConfigError
 from itr.models import build_model, make_tokenizer
 from itr.models.sentence_matcher import FrozenBatchNorm2d, paired_hinge_loss
 
-from conftest import F8K, F8K_IMAGES, ROOT
+from conftest import F8K, F8K_IMAGES, ROOT, assert_split_steps_equal
 
 TINY_RESNET = {"name": "xmatching_resnet", "depths": [1, 1], "hidden_sizes": [8, 16], "embedding_size": 8,
                "layer_type": "basic", "finetune": True, "freeze_stem": False, "frozen_bn": True}
@@ -259,37 +256,8 @@ def test_train_on_real_jpegs_then_the_best_checkpoint_evaluates_the_same(tiny_be
 # ----------------------------------------------------------------------------- global batch
 
 
-SCRIPT = ROOT / "tests" / "helpers" / "sentence_matcher_step.py"
-
-
-def _step(tmp_path, tiny_bert, procs, accum):
-    out = tmp_path / f"w{procs}a{accum}.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    if procs == 1:
-        cmd = [sys.executable, str(SCRIPT), str(out), str(accum), str(tiny_bert)]
-    else:
-        accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-               "--dynamo_backend", "no", "--mixed_precision", "no", "--main_process_port", "0",
-               str(SCRIPT), str(out), str(accum), str(tiny_bert)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    r = torch.load(out)
-    assert r["world"] == procs
-    return r
-
-
-def _same(a, b):
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["grads"].keys() == b["grads"].keys()
-    for k in a["grads"]:
-        torch.testing.assert_close(a["grads"][k], b["grads"][k], rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.slow
-def test_two_ranks_and_accumulation_give_the_whole_batch_loss_and_gradients(tiny_bert, tmp_path):
-    ref = _step(tmp_path, tiny_bert, 1, 1)
+def test_two_ranks_and_accumulation_give_the_whole_batch_loss_and_gradients(tiny_bert):
+    # 2 ranks: partners on the other rank, gathered with gradients
+    ref = assert_split_steps_equal("sentence_matcher", [(1, 2), (2, 1), (2, 2)], bert=tiny_bert)
     assert ref["loss"] > 0 and any("img_enc.backbone" in k for k in ref["grads"])
-    _same(_step(tmp_path, tiny_bert, 1, 2), ref)
-    _same(_step(tmp_path, tiny_bert, 2, 1), ref)  # partners on the other rank, gathered with gradients
-    _same(_step(tmp_path, tiny_bert, 2, 2), ref)

@@ -17,7 +17,7 @@ from itr.models import build_model, make_tokenizer
 from itr.models.tgdt import mrsw
 from itr.modules.losses import hinge_from_scores
 
-from conftest import ROOT
+from conftest import ROOT, assert_split_steps_equal
 
 RECIPE = ROOT / "recipes" / "synthetic" / "tgdt.yaml"
 CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog",
@@ -183,44 +183,9 @@ def test_a_few_steps_reduce_the_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def _step(accum, model_fn, batch_fn):
-    """One real trainer step (itr.train.train_step) on a fixed batch split into ``accum`` micro-batches."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from itr.distributed import make_accelerator
-    from itr.precision import Precision
-    from itr.train import train_step
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    model, tok = model_fn()
-    b = batch_fn(tok)
-    acc = make_accelerator(grad_accum=accum, cpu=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    model, opt = acc.prepare(model, opt)
-    n = len(b["img_ids"]) // accum
-    micro = [{k: v[a * n:(a + 1) * n] for k, v in b.items()} for a in range(accum)]
-    for m in micro:  # each micro-batch cut to its own longest caption, as the loader does
-        L = int(m["text_lens"].max())
-        m["text_ids"] = m["text_ids"][:, :L]
-    loss = train_step(model, micro, 0, acc, Precision("no", "cpu"), 1)
-    grads = {k: p.grad.detach().clone() for k, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
-    return loss.item(), grads
-
-
 def test_accumulation_gives_the_whole_batch_step():
-    def model_fn():
-        return _model("loss.warmup_epochs=0")
-
-    def batch_fn(tok):
-        return _batch(tok, img_ids=torch.tensor([0, 1, 2, 0, 3, 4, 2, 5]))
-
-    ref_loss, ref = _step(1, model_fn, batch_fn)
-    loss, grads = _step(2, model_fn, batch_fn)
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert grads.keys() == ref.keys() and "txt_enc.rnn.weight_hh_l0" in grads and "img_global.layers.0.linear1.weight" in grads
-    for k in ref:
-        torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-6)
+    ref = assert_split_steps_equal("tgdt", [(1, 2)])
+    assert "txt_enc.rnn.weight_hh_l0" in ref["grads"] and "img_global.layers.0.linear1.weight" in ref["grads"]
 
 
 def _overrides(data, **kw):
