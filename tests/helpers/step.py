@@ -190,9 +190,12 @@ def run_all(spec):
 
 
 def main(out, spec):
+    from itr.distributed import finish_job
+
     results = run_all(json.loads(spec))
     if results is not None:
         torch.save(results, out)
+    finish_job()  # every rank leaves the process group: one exiting with gloo's threads up can abort
 
 
 if __name__ == "__main__":
