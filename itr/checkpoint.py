@@ -284,6 +284,15 @@ def read_meta(path):
     return json.loads((resolve(path) / META).read_text())
 
 
+def load_weights_into(model, path):
+    """Initialise ``model`` from a checkpoint's weights (``train.init_from``); every key must match."""
+    root = resolve(path)
+    missing, unexpected = model.load_state_dict(read_weights(root / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"train.init_from={path}: {root / WEIGHTS} does not match the recipe's model: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]} (use that checkpoint's recipe.yaml)")
+
+
 def read_weights(path):
     """The state dict of a ``model.safetensors``; a truncated or corrupt file is named."""
     from safetensors.torch import load_file

@@ -40,6 +40,16 @@ def _eval(a):
                          experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name))
 
 
+def _import(a):
+    from itr.imports import ImportRequest, import_checkpoint
+
+    best = import_checkpoint(ImportRequest(a.checkpoint, a.family, a.out, vocab=a.vocab, bert=a.bert,
+                                           data_name=a.data_name))
+    print(f"imported {a.checkpoint} ({a.family}) -> {best}\n"
+          f"  evaluate:  itr eval {best} --data DATA --split test\n"
+          f"  fine-tune: itr train {best / 'recipe.yaml'} --out RUN train.init_from={best}")
+
+
 def _compare(a):
     from itr.compare import compare
 
@@ -89,7 +99,7 @@ def _config(a):
 def parser():
     p = argparse.ArgumentParser(prog="itr", description="Image-text retrieval training toolkit")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for add in (_add_train, _add_shard, _add_eval, _add_compare, _add_tools):
+    for add in (_add_train, _add_shard, _add_eval, _add_import, _add_compare, _add_tools):
         add(sub)
     from itr.submit import add_parser as add_submit_parser
 
@@ -161,6 +171,19 @@ def _add_eval(sub):
                                           "$MLFLOW_TRACKING_URI, sqlite:///<cwd>/mlflow.db)")
     e.add_argument("--run-name", help="name of the new evaluation run")
     e.set_defaults(fn=_eval)
+
+
+def _add_import(sub):
+    from itr.imports import FAMILIES
+
+    i = sub.add_parser("import", help="a reference repository's released checkpoint -> an itr run directory")
+    i.add_argument("checkpoint", help="the released file, e.g. model_best.pth.tar (read weights-only)")
+    i.add_argument("--from", dest="family", required=True, choices=sorted(FAMILIES), help="the repository it comes from")
+    i.add_argument("--out", required=True, help="run directory; the checkpoint lands in DIR/best")
+    i.add_argument("--vocab", help="GRU families: the repository's word vocabulary (vocab/DATA_vocab.json or .pkl)")
+    i.add_argument("--bert", help="BERT families: a local BERT directory (config + tokenizer; weights come from CKPT)")
+    i.add_argument("--data-name", help="override the data_name stored in the checkpoint (f30k_precomp, coco_precomp)")
+    i.set_defaults(fn=_import)
 
 
 def _add_compare(sub):

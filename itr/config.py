@@ -52,6 +52,8 @@ class TrainConfig:
     log_every: int = param(10, "log loss / lr / throughput every N optimizer steps", min=1)
     checkpoint_every: int = param(0, "also write DIR/last every N optimizer steps (0: at epoch ends only)")
     resume: Optional[str] = param(None, "'latest' (DIR/last if present) or a checkpoint directory")
+    init_from: Optional[str] = param(None, "start from these weights (a checkpoint or run directory, e.g. one "
+                                           "`itr import` wrote), with its vocabulary; the optimizer starts afresh")
     deepspeed: Optional[str] = param(None, "DeepSpeed JSON (launch/ds_zero*.json); default: the one given to "
                                            "`accelerate launch --use_deepspeed`, else none (DDP)")
     compile: bool = param(False, "torch.compile the model")

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from itr import checkpoint as ckpt
 from itr import rundir
-from itr.config import ConfigError, resolve_path, to_dict
+from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
-from itr.data.sources import data_kind, ensure_shards, load_split, split_captions
+from itr.data.sources import check_split, data_kind, data_root, ensure_shards, load_split, split_captions
 from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
                              make_accelerator)
 from itr.errors import DataError
@@ -139,13 +139,17 @@ class Trainer:
         self.manifest = ensure_shards(r.data, r.data.train_split, self.main, self.acc.wait_for_everyone,
                                       progress=self.main)
         self.dev = load_split(data_root(r), r.data.dev_split, r.data.image_size, verify=r.data.verify)
-        check_test_split(r)
-        vocab = self.resume_from / ckpt.VOCAB if self.resume_from else None
+        check_split(r, r.data.test_split)  # a bad test split fails now, not after the whole training
+        init = ckpt.resolve(t.init_from) if t.init_from and not self.resume_from else None
+        source = self.resume_from or init
+        vocab = source / ckpt.VOCAB if source else None
         vocab = vocab if vocab and vocab.is_file() else None
         self.tokenizer = make_tokenizer(r, captions=None if vocab else split_captions(self.manifest), vocab_file=vocab)
         kind = self.manifest.get("kind", "features")
         self.img_dim = self.manifest["feature_shape"][-1] if kind == "features" else 0  # 0: raw images
         model = build_model(r, self.img_dim, self.tokenizer)
+        if init is not None:  # a resumed run has these weights in its checkpoint already
+            ckpt.load_weights_into(model, init)
         if self.deepspeed and t.mixed_precision != "no":
             # One dtype for every parameter before the engine sees them: transformers already loads the
             # text encoder in the DeepSpeed config's dtype, and ZeRO-3 partitions parameters as they are
@@ -367,20 +371,6 @@ class Trainer:
     def _say(self, line):
         if line and getattr(self, "main", int(os.environ.get("RANK", "0")) == 0):
             print(f"[itr] {line}", flush=True)
-
-
-def data_root(recipe):
-    """Evaluation splits come from the recipe's data.root (precomp or shards)."""
-    return resolve_path(recipe.data.root)
-
-
-def check_test_split(recipe):
-    """Open and check the test split before training (counts, checksums, finite features), if the data has one."""
-    try:
-        data_kind(data_root(recipe), recipe.data.test_split)
-    except DataError:
-        return
-    load_split(data_root(recipe), recipe.data.test_split, recipe.data.image_size, verify=recipe.data.verify)
 
 
 def final_test(recipe, out, device, rank, world):

@@ -141,3 +141,19 @@ def load_split(root, split, image_size=224, verify="checksum") -> PrecompSplit:
     out = open_precomp(root, split)
     check_finite(out.images, out.files["ims"])
     return out
+
+
+def data_root(recipe):
+    """Evaluation splits come from the recipe's data.root (precomp or shards)."""
+    from itr.schema import resolve_path
+
+    return resolve_path(recipe.data.root)
+
+
+def check_split(recipe, split):
+    """Open and check a split before training (counts, checksums, finite features), if the data has one."""
+    try:
+        data_kind(data_root(recipe), split)
+    except DataError:
+        return
+    load_split(data_root(recipe), split, recipe.data.image_size, verify=recipe.data.verify)

@@ -171,8 +171,8 @@ class SelfAlignGRUText(nn.Module):
 
 @dataclass
 class SelfAlignVSRNConfig(VSRNConfig, SelfAlignFields):
-    fc_norm: bool = param(True, "L2-normalize the region FC features (SelfAlign-VSRN: yes, except on f30k_precomp)")
-    out_bn: bool = param(False, "BatchNorm on the image GRU state before L2 (SelfAlign-VSRN: only on f30k_precomp)")
+    """VSRN's keys (``fc_norm`` / ``out_bn``: the Flickr30K variant, in SelfAlign's model_SelfAlign.py as in VSRN's)
+    and SelfAlign's."""
 
 
 @MODELS.register("selfalign_vsrn", SelfAlignVSRNConfig)

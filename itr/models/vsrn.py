@@ -148,6 +148,10 @@ class VSRNConfig:
     embed_dim: int = param(2048, "joint embedding size (VSRN train.py@0e75e2e --embed_size 2048)", min=1)
     text: dict = component("gru", "text", "text encoder: gru (VSRN EncoderText: word_dim 300, 1-layer GRU) or hf")
     gcn_layers: int = param(4, "region-relation GCN layers (VSRN model.py: Rs_GCN_1..4)")
+    fc_norm: bool = param(True, "L2-normalize the region FC features (model.py@eae3067 EncoderImagePrecompAttn: "
+                                "every data_name but f30k_precomp)")
+    out_bn: bool = param(False, "BatchNorm on the image GRU's final state before its L2 (model.py@eae3067: "
+                                "f30k_precomp only)")
     l2_axis: str = param("regions", L2_AXIS_HELP)
     caption_weight: float = param(1.0, "weight of the image-to-caption generation loss (VSRN train_emb: "
                                        "retrieval_loss + caption_loss); 0 switches the captioner off")
@@ -165,8 +169,8 @@ class VSRN(MatchingModel):
     def __init__(self, cfg: VSRNConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         self.cfg = cfg
-        self.img_enc = VSRNImageEncoder(img_dim, cfg.embed_dim, cfg.gcn_layers, fc_norm=getattr(cfg, "fc_norm", True),
-                                        out_bn=getattr(cfg, "out_bn", False), l2_axis=cfg.l2_axis)
+        self.img_enc = VSRNImageEncoder(img_dim, cfg.embed_dim, cfg.gcn_layers, fc_norm=cfg.fc_norm,
+                                        out_bn=cfg.out_bn, l2_axis=cfg.l2_axis)
         self.txt_enc = self.build_text(cfg, tokenizer)
         self.pad_id = getattr(tokenizer, "pad_id", 0)
         self.caption = (CaptionModel(len(tokenizer), cfg.embed_dim, cfg.caption_hidden, cfg.caption_word_dim,
