@@ -95,7 +95,11 @@ def drop_regions(feats, p):
 
 
 def maxk_pool(x, lens, k=2):
-    """Mean of the k largest values of every dimension over the valid positions (HREM ``maxk_pool1d_var``)."""
+    """Mean of the k largest values of every dimension over the valid positions (HREM ``maxk_pool1d_var``).
+
+    Deviation, a fix (docs/models.md): the reference loops over the batch with ``k = min(k, length)``,
+    reassigning ``k`` itself, so one sample shorter than k lowers k for every later sample of the batch (its
+    embedding then depends on its neighbours). Here each sample takes min(k, its own length)."""
     mask = length_mask(lens, x.shape[1])
     k = min(k, x.shape[1])
     top = x.masked_fill(~mask[..., None], float("-inf")).topk(k, dim=1).values  # (B, k, D)
