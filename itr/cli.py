@@ -36,8 +36,9 @@ def _eval(a):
 
     run_eval(EvalRequest(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
                          chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
-                         compare_full=a.compare_full, log_to_run=a.log_to_run, log_run=a.log_run,
-                         experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name))
+                         shortlist=a.shortlist, k=a.k, compare_full=a.compare_full, save_topk=a.save_topk,
+                         topk_path=a.topk_path, state=a.state, state_every=a.state_every, log_to_run=a.log_to_run,
+                         log_run=a.log_run, experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name))
 
 
 def _import(a):
@@ -160,8 +161,17 @@ def _add_eval(sub):
     e.add_argument("--two-stage", type=int, metavar="K",
                    help="models with a global score: shortlist the K best candidates per query by it, then apply "
                         "the model's full score to the shortlist only (a ground truth outside it is a miss)")
+    e.add_argument("--shortlist", metavar="CKPT_OR_TOPK",
+                   help="a cascade: K candidates per query from this checkpoint's global score (or a --save-topk "
+                        "file), reranked by CHECKPOINT's score; a ground truth outside the shortlist is a miss")
+    e.add_argument("--k", type=int, help="with --shortlist: the shortlist length")
     e.add_argument("--compare-full", action="store_true",
-                   help="with --two-stage: also score every pair and report the recall lost and the speedup")
+                   help="with a cascade: also score every pair and report the recall lost and the speedup")
+    e.add_argument("--save-topk", type=int, metavar="K", help="save every query's K best candidates (both directions)")
+    e.add_argument("--topk-path", help="where --save-topk writes (.npz; default topk-SPLIT.npz)")
+    e.add_argument("--state", metavar="DIR", help="resumable: finished tiles and counters are kept here, and a "
+                                                  "restarted evaluation skips them (slurm/eval.sbatch uses it)")
+    e.add_argument("--state-every", type=float, default=300.0, help="seconds between state writes")
     e.add_argument("--log-to-run", metavar="RUN_ID",
                    help="MLflow: add the metrics (as SPLIT_PROTOCOL_METRIC, e.g. test_1k_rsum) to this existing run")
     e.add_argument("--log-run", action="store_true", help="MLflow: log the metrics into a new evaluation run")

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from itr.eval.metrics import evaluate_sims
-from itr.eval.two_stage import rerank, shortlist, shortlist_ranks, two_stage_metrics
+from itr.eval.cascade import rerank, shortlist, shortlist_ranks, two_stage_metrics
 from conftest import free_port
 
 

@@ -10,18 +10,61 @@ import numpy as np
 
 from itr.eval.embed import embed_split
 from itr.eval.metrics import KEYS, evaluate_sims, format_table
-from itr.eval.scores import similarity_matrix
 
 
-def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, world=1, progress=False, protocol=None):
-    """Metrics of ``model`` on ``split``: every rank embeds a slice of the images and captions and scores
-    a block of image rows in tiles; rank 0 gets the matrix and computes the metrics. Returns (metrics, sims)
-    on rank 0, (None, None) elsewhere."""
+def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, world=1, progress=False, protocol=None,
+                   topk=0, save_sims=None, state=None, state_every=300.0):
+    """Metrics of ``model`` on ``split``: every rank embeds a slice of the images and captions, then scores its
+    share of the tiles, folding each into rank counters (``itr.eval.stream``: no full matrix anywhere). Returns
+    (metrics, per-block top-K lists or None) on rank 0, (None, None) elsewhere."""
     img, cap = embed_split(model, split, tokenizer, eval_cfg.batch_size, device, rank, world, progress)
-    sims = similarity_matrix(model.score, img, cap, eval_cfg.chunk_size, device, progress, rank, world)
+    return score_embeddings(model.score, img, cap, protocol or eval_cfg.protocol, eval_cfg.chunk_size, device, rank,
+                            world, progress, topk, save_sims, state, state_every)
+
+
+def score_embeddings(score_fn, img, cap, protocol, chunk, device="cpu", rank=0, world=1, progress=False, topk=0,
+                     save_sims=None, state=None, state_every=300.0):
+    """The streamed scoring of embedded images and captions (see ``evaluate_model``)."""
+    from itr.eval.metrics import fold_mean, recall_metrics
+    from itr.eval.stream import Streamer, stream_ranks
+
+    _check_finite(img, "image")
+    _check_finite(cap, "caption")
+    streamer = Streamer(score_fn, img, cap, chunk, device, rank, world, progress=progress)
+    sims = _sims_file(save_sims, streamer.n, streamer.m, rank, world) if save_sims else None
+    out = stream_ranks(streamer, protocol, topk, sims, state, state_every)
+    if sims is not None:
+        sims.flush()
+        _barrier(world)
     if rank != 0:
         return None, None
-    return evaluate_sims(sims, protocol or eval_cfg.protocol, chunk=eval_cfg.chunk_size), sims
+    ranks, tops = out
+    folds = [recall_metrics(*r) for r in ranks]
+    return (folds[0] if len(folds) == 1 else fold_mean(folds)), (tops if topk else None)
+
+
+def _check_finite(emb, what):
+    import torch
+
+    for t in (emb.values() if isinstance(emb, dict) else [emb]):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"NaN or inf in the {what} embeddings: the model diverged or the input is bad")
+
+
+def _barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _sims_file(path, n, m, rank, world):
+    """The (n, m) float32 .npy every rank writes its tiles into (memory-mapped: never held in RAM)."""
+    if rank == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, m)).flush()
+    _barrier(world)
+    return np.lib.format.open_memmap(path, mode="r+")
 
 
 def write_json(metrics, path):
@@ -43,8 +86,14 @@ class EvalRequest:
     chunk_size: int | None = None
     batch_size: int | None = None
     device: str | None = None
-    two_stage: int | None = None  # K: a global shortlist of K per query, then the full score on it only
-    compare_full: bool = False  # with two_stage: also score every pair, report the recall lost and the speedup
+    two_stage: int | None = None  # K: the checkpoint's global score shortlists K per query, its full score reranks
+    shortlist: str | Path | None = None  # a cascade: shortlists from this checkpoint's global score or top-K file...
+    k: int | None = None  # ...of K per query, reranked by the checkpoint's score
+    compare_full: bool = False  # with a cascade: also score every pair, report the recall lost and the speedup
+    save_topk: int | None = None  # save every query's K best candidates...
+    topk_path: str | Path | None = None  # ...here (.npz, default topk-SPLIT.npz)
+    state: str | Path | None = None  # resumable: finished tiles and counters are kept in this folder
+    state_every: float = 300.0  # seconds between state writes
     log_to_run: str | None = None  # MLflow: add the metrics to this (training) run
     log_run: bool = False  # MLflow: log into a new evaluation run...
     experiment: str | None = None  # ...of this experiment (implies log_run)
@@ -70,7 +119,7 @@ def run_eval(request, data=None, split=None, **options):
     """The evaluation job of an EvalRequest, or of ``run_eval(checkpoint, data, split, **fields)``. Under
     `accelerate launch` / torchrun / srun every rank takes a share of the embedding and of the score tiles,
     and rank 0 reports. ``two_stage=K``: global shortlist of K, then the model's full score on the shortlist
-    only (``itr.eval.two_stage``); ``compare_full`` also scores every pair and reports the recall lost and
+    only (``itr.eval.cascade``); ``compare_full`` also scores every pair and reports the recall lost and
     the speedup.
 
     MLflow (rank 0): ``log_to_run=RUN_ID`` adds the metrics to that (training) run, ``log_run`` / ``experiment``
@@ -100,7 +149,7 @@ def run_eval(request, data=None, split=None, **options):
         raise DataError(f"{req.data} split {req.split!r} has {data_split.images.shape[-1]}-d features; "
                         f"the checkpoint was trained on {meta['img_dim']}-d")
     job = _Loaded(model, tokenizer, recipe, data_split, rank, world)
-    metrics = _two_stage(req, job) if req.two_stage else _all_pairs(req, job)
+    metrics = _cascade(req, job) if (req.two_stage or req.shortlist) else _all_pairs(req, job)
     if rank == 0 and req.logs_to_mlflow:
         _log_mlflow(req, metrics, recipe, meta)
     if world > 1:
@@ -117,13 +166,19 @@ def _ranks(job):
 
 
 def _all_pairs(req, job):
-    """Every pair scored; the metrics on rank 0 (None elsewhere), reported and saved as asked."""
-    metrics, sims = evaluate_model(job.model, job.split, job.tokenizer, job.recipe.eval, req.device, job.rank,
-                                   job.world, progress=job.rank == 0, protocol=req.protocol)
+    """Every pair scored, streamed; the metrics on rank 0 (None elsewhere), reported and saved as asked."""
+    metrics, tops = evaluate_model(job.model, job.split, job.tokenizer, job.recipe.eval, req.device, job.rank,
+                                   job.world, progress=job.rank == 0, protocol=req.protocol, topk=req.save_topk or 0,
+                                   save_sims=req.save_sims, state=req.state, state_every=req.state_every)
     if job.rank == 0:
-        if req.save_sims:
-            np.save(req.save_sims, sims)
         report(metrics, f"{_title(req, job)}, protocol {req.protocol}{_ranks(job)}", req.json_out)
+        if tops is not None:
+            from itr.eval.stream import protocol_blocks
+            from itr.eval.topk import save_topk
+
+            path = req.topk_path or f"topk-{req.split}.npz"
+            save_topk(path, tops, protocol_blocks(job.split.num_images, req.protocol))
+            print(f"wrote the top-{req.save_topk} lists to {path}")
     return metrics
 
 
@@ -135,7 +190,8 @@ def _log_mlflow(req, metrics, recipe, meta):
     from itr.plots import recall_at_k
     from itr.tracking import log_evaluation, metric_prefix
 
-    prefix = metric_prefix(req.split, req.protocol, f"_top{req.two_stage}" if req.two_stage else "")
+    k = req.two_stage or (req.k if req.shortlist else None)
+    prefix = metric_prefix(req.split, req.protocol, f"_top{k}" if k else "")
     rd = to_dict(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         arts = [Path(tmp) / f"{prefix}metrics.json", Path(tmp) / f"{prefix}recall_at_k.png"]
@@ -147,40 +203,75 @@ def _log_mlflow(req, metrics, recipe, meta):
                               data=Path(req.data).resolve(), run_name=req.run_name, artifacts=arts)
 
 
-def _two_stage(req, job):
-    """Global shortlist of ``req.two_stage`` per query, then the full score on it (and, with compare_full,
-    every pair too, for the recall lost and the speedup); the metrics on rank 0, None elsewhere."""
+def _cascade(req, job):
+    """A shortlist per query (the checkpoint's own global score with --two-stage K; another checkpoint's global
+    score or a top-K file with --shortlist), reranked by the checkpoint's score; with compare_full, every pair
+    too, for the recall lost and the speedup. The metrics on rank 0, None elsewhere."""
     import time
 
-    from itr.eval.two_stage import two_stage_metrics
+    from itr.eval.cascade import cascade_metrics
 
-    k, protocol, cfg, rank = req.two_stage, req.protocol, job.recipe.eval, job.rank
+    k, cfg, rank = req.two_stage or req.k, job.recipe.eval, job.rank
+    if not k:
+        from itr.errors import ConfigError
+
+        raise ConfigError("--shortlist needs --k K, the shortlist length")
     img, cap = embed_split(job.model, job.split, job.tokenizer, cfg.batch_size, req.device, rank, job.world, rank == 0)
-    metrics = two_stage_metrics(job.model, img, cap, k, protocol, cfg.chunk_size, req.device, rank, job.world,
-                                rank == 0)
+    t0 = time.perf_counter()
+    lists = _shortlists(req, job, img, cap, k)
+    t1 = time.perf_counter()
+    metrics = cascade_metrics(job.model, img, cap, lists, req.protocol, req.device, rank, job.world, rank == 0)
+    t2 = time.perf_counter()
     full = None
     if req.compare_full:
-        t0 = time.perf_counter()
-        sims = similarity_matrix(job.model.score, img, cap, cfg.chunk_size, req.device, rank == 0, rank, job.world)
-        full_s = time.perf_counter() - t0
+        full, _ = score_embeddings(job.model.score, img, cap, req.protocol, cfg.chunk_size, req.device, rank, job.world,
+                                   rank == 0)
         if rank == 0:
-            full = evaluate_sims(sims, protocol, chunk=cfg.chunk_size)
-            full["timing"] = {"full_s": full_s}
+            full["timing"] = {"full_s": time.perf_counter() - t2}
     if rank != 0:
         return None
+    metrics["timing"] = {"global_s": t1 - t0, "rerank_s": t2 - t1}
+    _report_cascade(req, job, metrics, full, k)
+    return metrics
+
+
+def _shortlists(req, job, img, cap, k):
+    """Per protocol block, the (i2t, t2i) candidate lists of the cascade's first stage."""
+    from itr.eval.cascade import file_shortlists, streamed_shortlists
+
+    cfg, rank, world = job.recipe.eval, job.rank, job.world
+    if req.shortlist and str(req.shortlist).endswith(".npz"):
+        return file_shortlists(req.shortlist, job.split.num_images, k, req.protocol)
+    if req.shortlist:
+        from itr.checkpoint import load_for_eval
+
+        model, tok, _, _ = load_for_eval(req.shortlist, req.device)
+        img, cap = embed_split(model, job.split, tok, cfg.batch_size, req.device, rank, world, rank == 0)
+    else:
+        model = job.model
+    score = getattr(model, "global_score", None) or model.score
+    if req.two_stage and not hasattr(model, "global_score"):
+        from itr.errors import ConfigError
+
+        raise ConfigError(f"--two-stage needs a model with a global score (global_score); {type(model).__name__} has "
+                          f"none: give the shortlist's checkpoint with --shortlist CKPT --k K")
+    return streamed_shortlists(score, img, cap, k, req.protocol, cfg.chunk_size, req.device, rank, world, rank == 0)
+
+
+def _report_cascade(req, job, metrics, full, k):
+    source = "global" if not req.shortlist else Path(str(req.shortlist)).name
     title = _title(req, job)
-    report(metrics, f"{title}, protocol {protocol}, two-stage: global top-{k} then full score{_ranks(job)}", None)
+    report(metrics, f"{title}, protocol {req.protocol}, cascade: {source} top-{k} then full score{_ranks(job)}", None)
     t = metrics["timing"]
-    print(f"  global scores {t['global_s']:.1f} s, rerank {t['rerank_s']:.1f} s")
+    print(f"  shortlist {t['global_s']:.1f} s, rerank {t['rerank_s']:.1f} s")
     if full is not None:
-        report(full, f"{title}, protocol {protocol}, every pair scored", None)
+        report(full, f"{title}, protocol {req.protocol}, every pair scored", None)
         two_s = t["global_s"] + t["rerank_s"]
-        print(f"  two-stage vs every pair: rsum {metrics['rsum']:.1f} vs {full['rsum']:.1f} "
+        print(f"  cascade vs every pair: rsum {metrics['rsum']:.1f} vs {full['rsum']:.1f} "
               f"(lost {full['rsum'] - metrics['rsum']:.1f}); time {two_s:.1f} s vs {full['timing']['full_s']:.1f} s "
               f"({full['timing']['full_s'] / max(two_s, 1e-9):.2f}x faster)")
     if req.json_out:
         _write_two_stage_json(metrics, full, k, req.json_out)
-    return metrics
 
 
 def _write_two_stage_json(metrics, full, k, path):

@@ -9,7 +9,7 @@
 """
 import numpy as np
 
-from itr.eval.ranks import i2t_ranks, t2i_ranks
+from itr.eval.ranks import ranks_of
 
 KEYS = ["i2t_R1", "i2t_R5", "i2t_R10", "i2t_medr", "i2t_meanr",
         "t2i_R1", "t2i_R5", "t2i_R10", "t2i_medr", "t2i_meanr", "rsum"]
@@ -33,14 +33,17 @@ def evaluate_sims(sims, protocol="1k", caps_per_image=5, chunk=1024):
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     n = sims.shape[0]
     if protocol != "coco-5fold":
-        return recall_metrics(i2t_ranks(sims, caps_per_image, chunk), t2i_ranks(sims, caps_per_image, chunk))
+        return recall_metrics(*ranks_of(sims, caps_per_image))
     if n % 5:
         raise ValueError(f"coco-5fold needs a number of images divisible by 5, got {n}")
     f = n // 5
-    folds = []
-    for i in range(5):
-        block = sims[i * f:(i + 1) * f, caps_per_image * i * f:caps_per_image * (i + 1) * f]
-        folds.append(recall_metrics(i2t_ranks(block, caps_per_image, chunk), t2i_ranks(block, caps_per_image, chunk)))
+    folds = [recall_metrics(*ranks_of(sims[i * f:(i + 1) * f, caps_per_image * i * f:caps_per_image * (i + 1) * f],
+                                      caps_per_image)) for i in range(5)]
+    return fold_mean(folds)
+
+
+def fold_mean(folds):
+    """Every metric as the mean over the folds (rsum: the mean of the per-fold rsums), the folds kept."""
     mean = {k: float(np.mean([fold[k] for fold in folds])) for k in KEYS}
     mean["folds"] = folds
     return mean
