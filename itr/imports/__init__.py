@@ -5,10 +5,11 @@
 ``DIR/best`` is then an ordinary itr checkpoint: ``itr eval DIR/best --data ...`` scores it with itr's exact
 protocol, and ``itr train RECIPE train.init_from=DIR`` fine-tunes from it. Each family is one module here
 (``vsepp.py``, ...) with a ``convert(ckpt, opt, req)`` that reads the checkpoint's options into a recipe and
-renames its tensors into itr's modules; this module does the rest the same way for all: safe loading
-(``itr.imports.safe``), the tokenizer (the repository's word vocabulary, or a local BERT directory), a
-complete mapping or an error listing the missing and unexpected keys and every shape that differs, and the
-run directory written through the run-directory protocol.
+renames its tensors into itr's modules (``fresh``: prefixes of training-only modules that the reference never
+saves; they keep itr's initialization, as in a fresh run); this module does the rest the same way for all:
+safe loading (``itr.imports.safe``), the tokenizer (the repository's word vocabulary, or a local BERT
+directory), a complete mapping or an error listing the missing and unexpected keys and every shape that
+differs, and the run directory written through the run-directory protocol.
 """
 import importlib
 import json
@@ -19,7 +20,7 @@ from typing import Optional
 from itr.errors import CheckpointError, ConfigError
 
 # --from name -> the module that converts it
-FAMILIES = {"vsepp": "vsepp"}
+FAMILIES = {"vsepp": "vsepp", "vse_infty": "vse_infty", "hrem": "hrem"}
 
 
 @dataclass
@@ -59,13 +60,20 @@ def import_checkpoint(req: ImportRequest):
     recipe = load_recipe(raw=raw)
     tokenizer = _tokenizer(recipe, req)
     model = build_model(recipe, conv["img_dim"], tokenizer)
-    load_mapped(model, conv["weights"], req.ckpt)
+    weights, fresh = dict(conv["weights"]), tuple(conv.get("fresh", ()))
+    if fresh:  # training-only modules the reference never saves: itr's own initialization, as a fresh run's
+        own = model.state_dict()
+        weights.update({k: v for k, v in own.items() if k.startswith(fresh) and k not in weights})
+    load_mapped(model, weights, req.ckpt)
     info = {"from": str(Path(req.ckpt).resolve()), "family": req.family,
             "options": {k: v for k, v in opt.items() if isinstance(v, (str, int, float, bool)) or v is None}}
+    if fresh:
+        info["initialized_fresh"] = list(fresh)
     return write_run(req.out, recipe, model.eval(), tokenizer, conv["img_dim"], info)
 
 
 def _tokenizer(recipe, req):
+    from itr.data.text import WordVocab
     from itr.imports.safe import read_vocab
     from itr.models import make_tokenizer
 
@@ -74,6 +82,9 @@ def _tokenizer(recipe, req):
             raise ConfigError(f"--from {req.family}: this checkpoint has a word-level GRU: pass --vocab VOCAB, the "
                               f"repository's vocabulary it was trained with (vocab/DATA_vocab.json or .pkl)")
         vocab = read_vocab(req.vocab, recipe.data.max_words)
+        text = recipe.model.text
+        if text.name == "gru_words" and text.config.mask_word and "<mask>" not in vocab.word2idx:
+            vocab = WordVocab(vocab.idx2word + ["<mask>"], max_words=recipe.data.max_words)  # as its training did
         return vocab
     return make_tokenizer(recipe)
 
@@ -82,8 +93,8 @@ def load_mapped(model, weights, source):
     """Load converted ``weights`` into ``model``, all or nothing; a mismatch names every key that differs."""
     own = model.state_dict()
     weights = dict(weights)
-    for k in own:  # BatchNorm counters that checkpoints of older PyTorch lack
-        if k.endswith("num_batches_tracked") and k not in weights:
+    for k in own:  # BatchNorm counters that older PyTorch lacks; BERT's position-id buffer, saved by some versions
+        if k.endswith(("num_batches_tracked", "embeddings.position_ids")) and k not in weights:
             weights[k] = own[k]
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
