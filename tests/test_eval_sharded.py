@@ -45,7 +45,8 @@ def test_eval_job_on_several_ranks_equals_one_rank(tiny_data, tmp_path, procs, c
     p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(procs), "-m", "itr", "eval",
                         str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "test",
                         "--chunk-size", str(chunk), "--json", str(tmp_path / "m.json"),
-                        "--save-sims", str(tmp_path / "sims.npy")],
+                        "--save-sims", str(tmp_path / "sims.npy"), "--save-topk", "5", "--topk-path",
+                        str(tmp_path / "top.npz")],
                        capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-4000:]
     assert f"{procs} ranks" in p.stdout
@@ -53,5 +54,8 @@ def test_eval_job_on_several_ranks_equals_one_rank(tiny_data, tmp_path, procs, c
     assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(ref)  # identical ranks
     # the same tile size on 1 rank: bitwise the same matrix (the tile grid does not depend on the world size)
     with one_thread():
-        run_eval(tmp_path / "run" / "best", tiny_data, "test", chunk_size=chunk, save_sims=tmp_path / "one.npy")
+        run_eval(tmp_path / "run" / "best", tiny_data, "test", chunk_size=chunk, save_sims=tmp_path / "one.npy",
+                 save_topk=5, topk_path=tmp_path / "one.npz")
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "sims.npy"))
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "top.npz")  # top-K lists merged across the ranks
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)

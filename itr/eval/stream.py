@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from itr.distributed import host_collective
+from itr.rundir import fault
 from itr.eval.ranks import RankCounts
 from itr.eval.scores import num_rows, rows, tile_grid
 from itr.eval.topk import TopK
@@ -190,7 +191,11 @@ def stream_ranks(streamer, protocol, topk=0, sims=None, state_dir=None, state_ev
     def fold(i, t, scores):
         counting.add(i, t, scores)
         state.tick(i, counting, gt)
+        fault("eval tile")
 
+    if done and streamer.rank == 0:
+        print(f"[itr] resuming the evaluation from {state.path.parent}: {len(done)} of this rank's tiles are done",
+              flush=True)
     streamer.each(tiles, fold, "similarity tiles", skip=done)
     if state.path is not None:
         state.tick(-1, counting, gt, force=True)
