@@ -19,7 +19,7 @@ from typing import Optional
 from itr.errors import CheckpointError, ConfigError
 
 # --from name -> the module that converts it
-FAMILIES = {"vsepp": "vsepp"}
+FAMILIES = {"vsepp": "vsepp", "scan": "scan", "vsrn": "vsrn", "selfalign_vsrn": "selfalign_vsrn"}
 
 
 @dataclass
