@@ -20,7 +20,7 @@ from typing import Optional
 from itr.errors import CheckpointError, ConfigError
 
 # --from name -> the module that converts it
-FAMILIES = {"vsepp": "vsepp", "vse_infty": "vse_infty", "hrem": "hrem"}
+FAMILIES = {name: name for name in ("vsepp", "scan", "vsrn", "selfalign_vsrn", "vse_infty", "hrem")}
 
 
 @dataclass
