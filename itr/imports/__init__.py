@@ -19,7 +19,7 @@ from typing import Optional
 from itr.errors import CheckpointError, ConfigError
 
 # --from name -> the module that converts it
-FAMILIES = {"vsepp": "vsepp"}
+FAMILIES = {"vsepp": "vsepp", "camera": "camera", "dime": "dime", "selfalign_camera": "selfalign_camera"}
 
 
 @dataclass
