@@ -20,7 +20,8 @@ from typing import Optional
 from itr.errors import CheckpointError, ConfigError
 
 # --from name -> the module that converts it
-FAMILIES = {name: name for name in ("vsepp", "scan", "vsrn", "selfalign_vsrn", "vse_infty", "hrem")}
+FAMILIES = {name: name for name in ("vsepp", "scan", "vsrn", "selfalign_vsrn", "vse_infty", "hrem", "camera", "dime",
+                                    "selfalign_camera")}
 
 
 @dataclass

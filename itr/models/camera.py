@@ -25,6 +25,8 @@ Deviations (documented choices):
 - The reference pads every caption to 32 tokens and neither masks its text AGSA nor its mean
   over tokens (padding tokens take part). Here padding is masked in the attention, the
   BatchNorms and the mean, so a caption's embedding does not depend on the batch's padding.
+  ``model.pad_tokens=32`` restores the reference's text forward (``itr import --from camera``
+  sets it: a released checkpoint was trained with its padding).
 """
 import math
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from itr.errors import ConfigError, DataError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import HFTextEncoder, text_entry
 from itr.modules.ops import (L2_AXIS_HELP, check_l2_axis, diversity_regularizer, l2norm, l2norm_over, length_mask,
-                            masked_bn, masked_mean, xavier_linear)
+                            masked_bn, masked_mean, reference_padding, xavier_linear)
 from itr.registry import MODELS
 
 
@@ -151,9 +153,10 @@ class CameraTextEncoder(nn.Module):
     Xavier init.
     """
 
-    def __init__(self, tcfg, dim, heads, drop=0.0, norm_words=False, l2_axis="regions"):
+    def __init__(self, tcfg, dim, heads, drop=0.0, norm_words=False, l2_axis="regions", pad_tokens=0):
         super().__init__()
         self.l2_axis = check_l2_axis(l2_axis)
+        self.pad_tokens = pad_tokens
         hf = HFTextEncoder(tcfg, 0, dim)
         self.backbone, self.mapping = hf.backbone, hf.proj
         pooler = getattr(self.backbone, "pooler", None)
@@ -168,8 +171,13 @@ class CameraTextEncoder(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, ids, lens):
-        mask = length_mask(lens, ids.shape[1])
-        h = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        """``mask``: the positions that count as tokens after BERT: the caption's, or all ``pad_tokens``."""
+        if self.pad_tokens:  # the reference: every position past BERT is a token, padding included
+            ids, real = reference_padding(ids, lens, self.pad_tokens)
+            mask = torch.ones_like(real)
+        else:
+            real = mask = length_mask(lens, ids.shape[1])
+        h = self.backbone(input_ids=ids, attention_mask=real.long()).last_hidden_state
         words = self.mapping(h.to(self.mapping.weight.dtype))
         if self.norm_words:
             words = l2norm_over(words, self.l2_axis, mask)
@@ -192,6 +200,10 @@ class CAMERAConfig:
     div_weight: float = param(0.01, "weight of the diversity regularizer (train.py --smry_lamda 0.01)")
     dropout: float = param(0.0, "dropout in AGSA and the text MLP (train.py --drop 0.0)")
     l2_axis: str = param("regions", L2_AXIS_HELP)
+    pad_tokens: int = param(0, "0: caption padding is masked after BERT; N: as the reference, every caption is "
+                               "padded to N tokens (id 0) and the padding positions take part in the text AGSA, "
+                               "BatchNorm and mean (LgQu/CAMERA data.py@3611b1c pads to --max_words 32, "
+                               "models/TextEncoder.py@3611b1c masks none of them); set by itr import")
     text: dict = component("hf", "text", "text encoder: hf (a local BERT directory; CAMERA freezes BERT: text.freeze=true)")
 
 
@@ -209,7 +221,7 @@ class CAMERA(MatchingModel):
         _, tcfg = text_entry(cfg.text)
         self.img_enc = CameraImageEncoder(img_dim, cfg.embed_dim, cfg.heads, cfg.views, cfg.dropout, cfg.l2_axis)
         self.txt_enc = CameraTextEncoder(tcfg, cfg.embed_dim, cfg.heads, cfg.dropout, norm_words=self.selfalign_text,
-                                         l2_axis=cfg.l2_axis)
+                                         l2_axis=cfg.l2_axis, pad_tokens=cfg.pad_tokens)
 
     def image_features(self, batch):
         if "boxes" not in batch:

@@ -35,7 +35,8 @@ Deviations (documented choices):
   into the router means, the self-attention, the guidance normalization, the refinement's
   query normalization, the convolutions' pooling and the BatchNorm): scores do not depend on
   the batch's padding. Positions past a caption's length are zero before the convolutions (the
-  reference's own zero padding of its longest caption).
+  reference's own zero padding of its longest caption). ``model.pad_tokens=32`` restores the
+  reference's forward (``itr import --from dime`` sets it for a released checkpoint).
 - Scores are computed for all pairs at once (broadcasting image-only and caption-only cells
   over the pairs) instead of a Python loop per caption; captions go in sub-chunks to bound
   memory. In training the score BatchNorm sees the pairs of this rank's score matrix (one rank:
@@ -53,7 +54,7 @@ from itr.distributed import gather_with_grad
 from itr.errors import ConfigError
 from itr.models.base import MatchingModel
 from itr.modules.encoders import text_entry
-from itr.modules.ops import l2norm, length_mask, masked_mean
+from itr.modules.ops import l2norm, length_mask, masked_mean, reference_padding
 from itr.modules.xattn import caption_chunks
 from itr.registry import MODELS
 
@@ -170,6 +171,11 @@ class DIMEConfig:
     lambda_softmax: float = param(4.0, "attention softmax temperature of the refinement cell (--lambda_softmax_CMRC 4)")
     path_hid: int = param(128, "path embedding size of the regularizer (InteractionModule path_hid=128)")
     trade_off: float = param(0.5, "weight of the path regularization (train.py --trade_off 0.5)")
+    pad_tokens: int = param(0, "0: caption padding is masked after BERT; N: as the reference, captions are padded "
+                               "to N tokens (id 0) and every position is a word after BERT, in the convolutions, "
+                               "pools, routers, cells and score (LgQu/DIME data.py@85062e2 pads to --max_words 32; "
+                               "i2t's refinement still attends to the real words only, Refinement.py@85062e2); "
+                               "set by itr import")
     text: dict = component("hf_words", "text", "text encoder: hf_words (local BERT; DIME freezes it: "
                                                "text.freeze=true) + DIME's 1-d convolutions")
 
@@ -211,9 +217,16 @@ class DIME(MatchingModel):
         return {"img": l2norm(img), "rgn": l2norm(rgn)}
 
     def text_states(self, batch):
+        """BERT states (zero past the tokens), the token mask, and the lengths the interaction masks words by."""
         ids, lens = batch["text_ids"], batch["text_lens"]
-        mask = length_mask(lens, ids.shape[1])
-        h = self.txt_enc.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        if self.cfg.pad_tokens:  # the reference: all pad_tokens positions are words after BERT
+            ids, real = reference_padding(ids, lens, self.cfg.pad_tokens)
+            mask = torch.ones_like(real)
+            if self.cfg.direction == "t2i":
+                lens = torch.full_like(lens, self.cfg.pad_tokens)
+        else:
+            real = mask = length_mask(lens, ids.shape[1])
+        h = self.txt_enc.backbone(input_ids=ids, attention_mask=real.long()).last_hidden_state
         return h.to(self.mapping.weight.dtype) * mask.unsqueeze(-1).to(self.mapping.weight.dtype), mask, lens
 
     def encode_text(self, h, mask):

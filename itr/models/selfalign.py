@@ -35,6 +35,8 @@ L2-normalized before the text AGSA.
 Documented choices where the reference is silent or does not fit a distributed trainer:
 - Padding: the reference's text-side means, BatchNorms and CRA keys include padding positions
   (padded to the batch's longest caption, or to 32 tokens for BERT); here they are masked.
+  SelfAlign-CAMERA's ``model.pad_tokens=32`` (CAMERA's key) gives the reference's evaluation
+  embedding; in training its concept loss then also sees the padding words (the reference's does not).
 - Word features are padded to a fixed ``word_slots`` (from ``data.max_words``) so that they can be
   concatenated across micro-batches and gathered across ranks.
 - CRA negatives exclude the query's own pair (as the reference) and, with
@@ -253,6 +255,9 @@ class SelfAlignCAMERA(SelfAlignMixin, CAMERA):
     def __init__(self, cfg: SelfAlignCAMERAConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(cfg, img_dim, tokenizer, loss_cfg)
         self.build_alignment(cfg, tokenizer)
+        if cfg.pad_tokens and (cfg.concept or cfg.context) and cfg.pad_tokens != self.word_slots:
+            raise ConfigError(f"model.pad_tokens={cfg.pad_tokens} but the word features are gathered in "
+                              f"{self.word_slots} slots: set data.max_words={cfg.pad_tokens - 2}")
 
     def _img_embedding(self, im, ctx):
         views = im["views"]

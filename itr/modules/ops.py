@@ -1,5 +1,6 @@
 """Small tensor operations several models share (one implementation each): masks, masked means and BatchNorms,
-L2 normalisations over an axis, VSE++'s Xavier init, CAMERA's diversity regularizer."""
+L2 normalisations over an axis, VSE++'s Xavier init, CAMERA's diversity regularizer, the BERT references'
+fixed-length caption padding."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,6 +15,18 @@ def l2norm(x, dim=-1, eps=1e-8):
 def length_mask(lens, max_len):
     """(B, max_len) True on the first ``lens[b]`` positions of each row."""
     return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def reference_padding(ids, lens, n):
+    """Captions as the BERT references feed them (``data.py`` ``convert_to_feature``): each padded with id 0
+    to exactly ``n`` tokens. Returns those ids and the mask of the real tokens (BERT's attention mask)."""
+    if ids.shape[1] > n:
+        raise ConfigError(f"a caption of {ids.shape[1]} tokens is longer than model.pad_tokens={n}: set "
+                          f"data.max_words={n - 2} ([CLS] and [SEP] are the other two)")
+    mask = length_mask(lens, n)
+    out = ids.new_zeros(ids.shape[0], n)
+    out[:, :ids.shape[1]] = ids
+    return out.masked_fill(~mask, 0), mask
 
 
 def masked_mean(x, mask=None, dim=-2):
