@@ -45,7 +45,7 @@ def _import(a):
     from itr.imports import ImportRequest, import_checkpoint
 
     best = import_checkpoint(ImportRequest(a.checkpoint, a.family, a.out, vocab=a.vocab, bert=a.bert,
-                                           data_name=a.data_name))
+                                           data_name=a.data_name, overrides=tuple(a.overrides)))
     print(f"imported {a.checkpoint} ({a.family}) -> {best}\n"
           f"  evaluate:  itr eval {best} --data DATA --split test\n"
           f"  fine-tune: itr train {best / 'recipe.yaml'} --out RUN train.init_from={best}")
@@ -193,6 +193,8 @@ def _add_import(sub):
     i.add_argument("--vocab", help="GRU families: the repository's word vocabulary (vocab/DATA_vocab.json or .pkl)")
     i.add_argument("--bert", help="BERT families: a local BERT directory (config + tokenizer; weights come from CKPT)")
     i.add_argument("--data-name", help="override the data_name stored in the checkpoint (f30k_precomp, coco_precomp)")
+    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override of the imported run (repeatable), e.g. --set model.test_mode=global")
     i.set_defaults(fn=_import)
 
 

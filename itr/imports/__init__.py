@@ -1,6 +1,6 @@
 """Released checkpoints of the reference repositories, into itr run directories.
 
-    itr import CKPT --from FAMILY --out DIR [--vocab VOCAB] [--bert BERT_DIR] [--data-name f30k_precomp]
+    itr import CKPT --from FAMILY --out DIR [--vocab VOCAB] [--bert BERT_DIR] [--data-name f30k_precomp] [--set KEY=VALUE]
 
 ``DIR/best`` is then an ordinary itr checkpoint: ``itr eval DIR/best --data ...`` scores it with itr's exact
 protocol, and ``itr train RECIPE train.init_from=DIR`` fine-tunes from it. Each family is one module here
@@ -9,7 +9,8 @@ renames its tensors into itr's modules (``fresh``: prefixes of training-only mod
 saves; they keep itr's initialization, as in a fresh run); this module does the rest the same way for all:
 safe loading (``itr.imports.safe``), the tokenizer (the repository's word vocabulary, or a local BERT
 directory), a complete mapping or an error listing the missing and unexpected keys and every shape that
-differs, and the run directory written through the run-directory protocol.
+differs, and the run directory written through the run-directory protocol. ``--set KEY=VALUE`` recipe
+overrides pick among what one checkpoint can do (``model.test_mode=global`` for TGDT's test modes).
 """
 import importlib
 import json
@@ -21,7 +22,7 @@ from itr.errors import CheckpointError, ConfigError
 
 # --from name -> the module that converts it
 FAMILIES = {name: name for name in ("vsepp", "scan", "vsrn", "selfalign_vsrn", "vse_infty", "hrem", "camera", "dime",
-                                    "selfalign_camera")}
+                                    "selfalign_camera", "teran", "tgdt")}
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ImportRequest:
     vocab: Optional[Path] = None  # the repository's word vocabulary (GRU text encoders)
     bert: Optional[Path] = None  # a local BERT directory (config + tokenizer) for BERT-based families
     data_name: Optional[str] = None  # overrides the data_name stored in the checkpoint's options
+    overrides: tuple = ()  # dotted recipe overrides applied to the converted recipe (model.test_mode=global)
 
 
 def family_module(name):
@@ -58,7 +60,7 @@ def import_checkpoint(req: ImportRequest):
             raise ConfigError(f"--from {req.family}: this checkpoint has a BERT text encoder: pass --bert BERT_DIR, "
                               f"a local directory with its config and tokenizer (e.g. bert-base-uncased)")
         text["path"] = str(Path(req.bert).resolve())
-    recipe = load_recipe(raw=raw)
+    recipe = load_recipe(raw=raw, overrides=req.overrides)
     tokenizer = _tokenizer(recipe, req)
     model = build_model(recipe, conv["img_dim"], tokenizer)
     weights, fresh = dict(conv["weights"]), tuple(conv.get("fresh", ()))
@@ -67,7 +69,8 @@ def import_checkpoint(req: ImportRequest):
         weights.update({k: v for k, v in own.items() if k.startswith(fresh) and k not in weights})
     load_mapped(model, weights, req.ckpt)
     info = {"from": str(Path(req.ckpt).resolve()), "family": req.family,
-            "options": {k: v for k, v in opt.items() if isinstance(v, (str, int, float, bool)) or v is None}}
+            "options": {k: v for k, v in conv.get("options", opt).items()
+                        if isinstance(v, (str, int, float, bool)) or v is None}}
     if fresh:
         info["initialized_fresh"] = list(fresh)
     return write_run(req.out, recipe, model.eval(), tokenizer, conv["img_dim"], info)

@@ -38,8 +38,8 @@ Deviations (documented choices):
 - The image's global token is a learned vector (TERAN's slot is a zero feature with a zero box);
   with a word-level GRU (``text.name=gru_words``) a learned global token is prepended to the words.
   Padding is masked in every attention (the reference's second stage attends to padding).
-- The local score leaves out [CLS] and [SEP] (the reference's ``s_seq[:, 1:-2]`` also drops the
-  token before [SEP], a period in TERAN's captions).
+- The local score leaves out [CLS] and [SEP]; the reference's ``s_seq[:, 1:-2]`` also drops the
+  token before [SEP] (a period in TERAN's captions): ``model.drop_last_word`` (imported checkpoints).
 """
 from dataclasses import dataclass
 
@@ -112,6 +112,9 @@ class TGDTConfig:
     consistency_weight: float = param(1.0, "weight of the intra-modal consistency term of the global loss "
                                            "(models/loss.py ContrastiveLoss intra_loss, added with weight 1)")
     consistency_margin: float = param(0.3, "margin of the consistency term (models/loss.py: margin = 0.3)")
+    drop_last_word: bool = param(False, "hf_words: also leave the token before [SEP] (a caption's final '.') out of "
+                                        "the local score, as LCFractal/TGDT models/loss.py@067ee00 s_seq[:, 1:-2] / "
+                                        "s_len - 3 (itr import --from tgdt sets it)")
     test_mode: str = param("sum", "what score() returns for eval tiles: global (cosine of the global tokens), local "
                                   "(scaled MrSw of the local tokens) or sum (global + local for every pair)")
     text: dict = component("hf_words", "text", "token-level text encoder: hf_words (local BERT; its [CLS] is the "
@@ -142,6 +145,8 @@ class TGDT(MatchingModel):
         entry, tcfg = text_entry(cfg.text)
         self.txt_enc = entry.build(tcfg, len(tokenizer), d)
         self.bert_cls = cfg.text.name == "hf_words"
+        if cfg.drop_last_word and not self.bert_cls:
+            raise ConfigError("model.drop_last_word leaves out the token before BERT's [SEP]; it needs text.name=hf_words")
         if self.bert_cls and cfg.bert_layers:
             layers = self.txt_enc.backbone.encoder.layer
             if cfg.bert_layers > len(layers):
@@ -177,7 +182,7 @@ class TGDT(MatchingModel):
         x = self.txt_enc(ids, lens)
         if self.bert_cls:  # [CLS] w1 .. wn [SEP]: [CLS] is the global slot, the words are local
             seq, seq_lens = x, lens
-            first, n_local = 1, (lens - 2).clamp(min=1)
+            first, n_local = 1, (lens - (3 if self.cfg.drop_last_word else 2)).clamp(min=1)
         else:  # a learned global token in front of the words
             seq = torch.cat([self.txt_cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
             seq_lens = lens + 1
