@@ -53,11 +53,13 @@ class Streamer:
         self.n, self.m = num_rows(img), num_rows(cap)
         self.grid, self.chunk, self.progress = tile_grid(self.n, self.m, chunk), chunk, progress
 
+    @torch.no_grad()
     def tile(self, t):
         i0, i1, j0, j1 = t
         out = self.score_fn(rows(self.img, i0, i1, self.device), rows(self.cap, j0, j1, self.device))
         return out.float().cpu().numpy()
 
+    @torch.no_grad()
     def each(self, tiles, fn, desc, skip=()):
         """``fn(index, tile, scores)`` for this rank's share of ``tiles``, in step with the other ranks: every rank
         makes the same number of score calls (ZeRO-3 gathers parameters inside them)."""
