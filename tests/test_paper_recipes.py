@@ -58,3 +58,10 @@ def test_no_model_reads_an_option_through_a_getattr_default():
                     and "cfg" in ast.unparse(node.args[0])):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert found == []
+
+
+@pytest.mark.parametrize("data", ["f30k", "coco"])
+def test_dime_t2i_trains_with_the_readmes_softmax_temperature(data):
+    """README@85062e2: `--direction t2i --lambda_softmax=9` (a prefix of --lambda_softmax_CMRC), i2t 4."""
+    raw = {d: yaml.safe_load((ROOT / "recipes" / data / f"dime_{d}.yaml").read_text()) for d in ("i2t", "t2i")}
+    assert raw["t2i"]["model"]["lambda_softmax"] == 9.0 and raw["i2t"]["model"]["lambda_softmax"] == 4.0
