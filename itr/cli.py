@@ -32,9 +32,22 @@ def _shard_images(a):
 
 
 def _eval(a):
-    from itr.eval.job import EvalRequest, run_eval
+    """Exit code 75 (EX_TEMPFAIL) when a signal stopped a resumable evaluation: slurm/eval.sbatch requeues it."""
+    from itr.eval.job import run_eval
+    from itr.eval.stream import EvalStopped
 
-    run_eval(EvalRequest(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
+    try:
+        run_eval(_eval_request(a))
+    except EvalStopped as e:
+        print(f"[itr] evaluation {e}", flush=True)
+        return 75
+    return 0
+
+
+def _eval_request(a):
+    from itr.eval.job import EvalRequest
+
+    return (EvalRequest(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
                          chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
                          shortlist=a.shortlist, k=a.k, compare_full=a.compare_full, save_topk=a.save_topk,
                          topk_path=a.topk_path, state=a.state, state_every=a.state_every, log_to_run=a.log_to_run,
@@ -278,8 +291,7 @@ def main(argv=None):
         else:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        a.fn(a)
+        return a.fn(a) or 0
     except ItrError as e:
         print(f"itr {a.cmd}: error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -136,3 +136,21 @@ itr_train_step() {
   itr_log "training failed (exit $ITR_RC): not requeueing"
   exit "$ITR_RC"
 }
+
+# `itr eval "$@"`, resumable: a state folder (--state, else itr-eval-state-$SLURM_JOB_ID); requeued when a
+# signal stopped it: `itr eval` saved its state and exited 75, or USR1 came through this shell (the time limit
+# is near; a process still embedding dies of it, and the rerun starts over), or SIGTERM reached the step
+# (preemption, the time limit) and the job was not cancelled.
+itr_eval_step() {
+  local args=("$@")
+  case " $* " in *" --state "*|*" --state="*) ;; *) args+=(--state "${ITR_EVAL_STATE:-itr-eval-state-$SLURM_JOB_ID}") ;; esac
+  itr_step -m itr eval "${args[@]}"
+  [ "$ITR_RC" = 0 ] && exit 0
+  if [ "$ITR_RC" = 75 ] || [ "$ITR_SIGNALLED" = USR1 ] || { [ "$ITR_SIGNALLED" = TERM ] && [ "$(_itr_job_state)" != CANCELLED ]; }; then
+    itr_log "evaluation stopped by a signal (exit $ITR_RC): requeueing job $SLURM_JOB_ID to resume from its state"
+    scontrol requeue "$SLURM_JOB_ID" || itr_die "scontrol requeue $SLURM_JOB_ID failed (sbatch --requeue?)"
+    exit 0
+  fi
+  itr_log "evaluation failed (exit $ITR_RC): not requeueing"
+  exit "$ITR_RC"
+}

@@ -186,6 +186,27 @@ def test_a_preempted_multinode_job_requeues_and_ends_with_the_weights_of_an_unin
     assert_same_weights(reference["dir"], out)
 
 
+def test_an_evaluation_stopped_by_the_time_limit_signal_requeues_and_resumes_to_the_same_metrics(
+        slurm_env, reference, tiny_data, tmp_path):
+    """slurm/eval.sbatch: USR1 through the batch shell mid-evaluation -> state saved, exit 75 -> requeue -> the
+    rerun skips the finished tiles and reports what an uninterrupted evaluation reports."""
+    res = json.loads((reference["dir"] / "results.json").read_text())
+    log, state_dir, out = tmp_path / "eval.log", tmp_path / "state", tmp_path / "test.json"
+    with step_delay("0.3"):  # 39 tiles of 16 x 16: ~12 s, time for the signal to land mid-run
+        job = sbatch("-o", log, ROOT / "slurm" / "eval.sbatch", reference["dir"] / "best", "--data", tiny_data,
+                     "--split", "test", "--chunk-size", 16, "--state", state_dir, "--state-every", 0, "--json", out)
+    deadline = time.time() + 120
+    while not (state_dir / "state-rank0.npz").is_file():
+        assert time.time() < deadline and state(job) not in DONE, f"no state written\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+    sh("scancel", "--batch", "--signal=USR1", job)
+    assert wait_job(job, log, timeout=180) in ("COMPLETED", "GONE"), log.read_text()[-5000:]
+    text = log.read_text()
+    assert "stopped by signal 10" in text and f"requeueing job {job}" in text, text[-5000:]
+    assert "resuming the evaluation from" in text, text[-5000:]
+    assert json.loads(out.read_text())["rsum"] == pytest.approx(res["test"]["rsum"])
+
+
 def submit(*args):
     p = run_itr("submit", *map(str, args), timeout=60)
     jobs = re.findall(r"^job (\S+)", p.stdout, re.M)

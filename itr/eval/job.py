@@ -24,15 +24,22 @@ def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, worl
 
 def score_embeddings(score_fn, img, cap, protocol, chunk, device="cpu", rank=0, world=1, progress=False, topk=0,
                      save_sims=None, state=None, state_every=300.0):
-    """The streamed scoring of embedded images and captions (see ``evaluate_model``)."""
+    """The streamed scoring of embedded images and captions (see ``evaluate_model``). With a state folder, SIGTERM
+    or SIGUSR1 saves it and raises ``itr.eval.stream.EvalStopped`` (a rerun resumes)."""
     from itr.eval.metrics import fold_mean, recall_metrics
     from itr.eval.stream import Streamer, stream_ranks
+    from itr.step import Stop
 
     _check_finite(img, "image")
     _check_finite(cap, "caption")
     streamer = Streamer(score_fn, img, cap, chunk, device, rank, world, progress=progress)
     sims = _sims_file(save_sims, streamer.n, streamer.m, rank, world) if save_sims else None
-    out = stream_ranks(streamer, protocol, topk, sims, state, state_every)
+    stop = Stop() if state else None
+    try:
+        out = stream_ranks(streamer, protocol, topk, sims, state, state_every, stop)
+    finally:
+        if stop is not None:
+            stop.close()
     if sims is not None:
         sims.flush()
         _barrier(world)

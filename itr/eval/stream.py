@@ -26,6 +26,8 @@ from itr.eval.ranks import RankCounts
 from itr.eval.scores import num_rows, rows, tile_grid
 from itr.eval.topk import TopK
 
+STEP_DELAY = float(os.environ.get("ITR_STEP_DELAY", "0") or 0)  # tests: sleep after each tile, so a signal lands
+
 
 def protocol_blocks(n, protocol, caps_per_image=5):
     """The (first image, end image) blocks a protocol ranks within: the whole split, or COCO's 5 folds."""
@@ -60,9 +62,10 @@ class Streamer:
         return out.float().cpu().numpy()
 
     @torch.no_grad()
-    def each(self, tiles, fn, desc, skip=()):
+    def each(self, tiles, fn, desc, skip=(), stop=None):
         """``fn(index, tile, scores)`` for this rank's share of ``tiles``, in step with the other ranks: every rank
-        makes the same number of score calls (ZeRO-3 gathers parameters inside them)."""
+        makes the same number of score calls (ZeRO-3 gathers parameters inside them). ``stop()``, asked after
+        every call on every rank alike, ends the loop early (returns True then)."""
         from tqdm import tqdm
 
         mine = [(i, t) for i, t in enumerate(tiles) if i % self.world == self.rank]
@@ -77,7 +80,11 @@ class Streamer:
             else:  # keep step with ranks that have one more tile (or a tile this rank finished before a restart)
                 self.score_fn(rows(self.img, 0, 1, self.device), rows(self.cap, 0, 1, self.device))
             bar.update(sum((t[1] - t[0]) * (t[3] - t[2]) for t in tiles[c * self.world:(c + 1) * self.world]))
+            if stop is not None and stop():
+                bar.close()
+                return True
         bar.close()
+        return False
 
     def ground_truth(self, blocks):
         """(n, caps_per_image) ground-truth scores, on every rank, from the tiles that hold them."""
@@ -180,8 +187,13 @@ class State:
         self.last = time.monotonic()
 
 
-def stream_ranks(streamer, protocol, topk=0, sims=None, state_dir=None, state_every=300.0):
-    """(per block (i2t ranks, t2i ranks), per block TopK or None) on rank 0; None elsewhere."""
+class EvalStopped(Exception):
+    """A signal (preemption, a time limit) stopped a resumable evaluation after its state was saved."""
+
+
+def stream_ranks(streamer, protocol, topk=0, sims=None, state_dir=None, state_every=300.0, stop=None):
+    """(per block (i2t ranks, t2i ranks), per block TopK or None) on rank 0; None elsewhere. With ``stop`` (an
+    ``itr.step.Stop``) and a state folder, SIGTERM / SIGUSR1 saves the state and raises EvalStopped."""
     blocks = protocol_blocks(streamer.n, protocol, streamer.k)
     key = [streamer.n, streamer.m, streamer.chunk, streamer.world, len(blocks), topk]
     state = State(state_dir, streamer.rank, key, state_every)
@@ -194,11 +206,17 @@ def stream_ranks(streamer, protocol, topk=0, sims=None, state_dir=None, state_ev
         counting.add(i, t, scores)
         state.tick(i, counting, gt)
         fault("eval tile")
+        if STEP_DELAY:
+            time.sleep(STEP_DELAY)
 
     if done and streamer.rank == 0:
         print(f"[itr] resuming the evaluation from {state.path.parent}: {len(done)} of this rank's tiles are done",
               flush=True)
-    streamer.each(tiles, fold, "similarity tiles", skip=done)
+    asked = (lambda: stop.requested(streamer.device)) if stop is not None and state.path is not None else None
+    if streamer.each(tiles, fold, "similarity tiles", skip=done, stop=asked):
+        state.tick(-1, counting, gt, force=True)
+        raise EvalStopped(f"stopped by signal {stop.signal}: the state is in {state.path.parent}; run the same "
+                          f"command again to resume")
     if state.path is not None:
         state.tick(-1, counting, gt, force=True)
     return _combine(counting, streamer.rank, streamer.world)
