@@ -43,6 +43,19 @@ def test_streamed_metrics_equal_the_full_matrix_path(protocol, chunk, ties):
     assert ("folds" in got) == (protocol == "coco-5fold")
 
 
+@pytest.mark.parametrize("where", ["image", "caption"])
+def test_a_non_finite_embedding_anywhere_is_an_error_before_any_tile(where):
+    """Checked in blocks of rows (the check must not copy the gallery): a NaN in the last block is found too."""
+    from itr.eval.job import score_embeddings
+
+    img, cap = embeddings(n=1000)  # 5,000 captions: two blocks of 4,096 rows
+    (img if where == "image" else cap)[-1, 2] = float("nan")
+    calls = []
+    with pytest.raises(ValueError, match=f"NaN or inf in the {where} embeddings"):
+        score_embeddings(lambda a, b: calls.append(1) or a @ b.t(), img, cap, "1k", 16)
+    assert not calls
+
+
 def test_only_tiles_of_the_protocol_blocks_are_scored():
     img, cap = embeddings(n=50)
     calls = []
