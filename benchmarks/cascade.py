@@ -32,13 +32,17 @@ def sh(*args):
                          f"{p.stderr[-2000:]}")
 
 
-def trained(work, recipe, data):
+TINY = ["train.epochs=1", "model.embed_dim=16", "model.text.word_dim=16", "model.text.min_count=1",
+        "train.batch_size=32", "data.num_workers=0", "data.images_per_shard=40", "eval.batch_size=64"]
+
+
+def trained(work, recipe, data, extra=()):
     """``work/NAME/best`` of a run of ``recipe`` on ``data`` (trained now unless a finished one is there)."""
     out = work / Path(recipe).stem
     if not (out / "best").is_dir():
         t = time.perf_counter()
         print(f"training {recipe} -> {out} ...", flush=True)
-        sh("train", ROOT / recipe, f"data.root={data}", "tracking.enabled=false", "--out", out)
+        sh("train", ROOT / recipe, f"data.root={data}", "tracking.enabled=false", *extra, "--out", out)
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
     return out / "best"
 
@@ -57,6 +61,7 @@ def main():
     ap.add_argument("--rerank", type=Path, help="the reranking checkpoint (default: train synthetic/scan_t2i)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--tiny", action="store_true", help="toy data and a 1-epoch training (tests: the plumbing)")
     a = ap.parse_args()
 
     import torch
@@ -64,9 +69,11 @@ def main():
     torch.set_num_threads(a.threads)
     data = a.work / "data"
     if not (a.shortlist and a.rerank) and not (data / "synthetic.json").is_file():
-        sh("synth", data, "--train", 3000, "--dev", 1000, "--test", 1000)
-    first = a.shortlist or trained(a.work, "recipes/synthetic/vse_infty.yaml", data)
-    second = a.rerank or trained(a.work, "recipes/synthetic/scan_t2i.yaml", data)
+        sizes = (160, 40, 40, 32, 8) if a.tiny else (3000, 1000, 1000, 256, 36)
+        sh("synth", data, *(x for pair in zip(("--train", "--dev", "--test", "--dim", "--regions"), sizes) for x in pair))
+    extra = TINY if a.tiny else []
+    first = a.shortlist or trained(a.work, "recipes/synthetic/vse_infty.yaml", data, extra)
+    second = a.rerank or trained(a.work, "recipes/synthetic/scan_t2i.yaml", data, extra)
 
     from itr.checkpoint import load_for_eval
     from itr.data.sources import load_split
