@@ -102,8 +102,10 @@ def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True,
         if with_state or deepspeed:
             accelerator.save_state(str(tmp / STATE), safe_serialization=True)
             save_rng(tmp / STATE, accelerator.process_index, scaler)
-        if deepspeed:
+            # every rank's files are in before rank 0 fsyncs and renames the folder (without this, a slow rank
+            # wrote into a folder being walked or already committed)
             accelerator.wait_for_everyone()
+        if deepspeed:
             state_dict = consolidated_deepspeed_weights(tmp / STATE) if main else None
         else:
             state_dict = accelerator.get_state_dict(model)

@@ -146,8 +146,14 @@ def reference(cluster, tiny_data, tmp_path_factory):
     while time.time() < deadline and state(job) not in DONE | {"GONE"}:
         time.sleep(1)
     text = log.read_text() if log.exists() else ""
-    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}\n{text[-5000:]}"
+    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}\n{errors_first(text)}"
     return {"dir": d / "run", "log": text}
+
+
+def errors_first(text):
+    """itr's own error lines, then the log's tail: rank 1's gloo traceback otherwise buries rank 0's cause."""
+    mine = [line for line in text.splitlines() if "itr " in line and "error" in line.lower()]
+    return "\n".join(mine[:20]) + "\n...\n" + text[-4000:]
 
 
 def test_multinode_recipe_trains_over_two_nodes_and_the_eval_recipe_evaluates_it(slurm_env, reference, tiny_data,
