@@ -35,6 +35,8 @@ class DataConfig:
     shuffle_buffer: int = param(5000, "caption-pair shuffle buffer (per worker)", min=1)
     verify: str = param("checksum", "shard check before training: checksum (sha256, cached), size, none",
                          choices=("checksum", "size", "none"))
+    on_error: str = param("error", "a corrupt sample or shard: error (naming shard and key) or skip (counted, "
+                                   "logged to the console and MLflow as data/skipped)", choices=("error", "skip"))
     max_words: int = param(0, "truncate captions to this many tokens (0: no limit)")
     image_size: int = param(224, "raw-image shards: crop size (train: random resized crop + flip; eval: resize, center crop)")
 

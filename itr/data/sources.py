@@ -61,7 +61,10 @@ def ensure_shards(data_cfg, split, is_main=True, barrier=lambda: None, progress=
         barrier()
     m = mf.load_manifest(out, split)
     if is_main:
-        mf.verify_shards(m, data_cfg.verify, progress=progress)
+        skip = getattr(data_cfg, "on_error", "error") == "skip"
+        note = (lambda msg: print(f"[itr] data.on_error=skip: {msg}; its unreadable samples will be skipped",
+                                  flush=True)) if skip else None
+        mf.verify_shards(m, data_cfg.verify, progress=progress, on_bad=note)
     barrier()
     return m
 
