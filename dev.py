@@ -35,7 +35,7 @@ def sh(*cmd, **kw):
 
 def install_digest():
     h = hashlib.sha256()
-    for f in ("setup.cfg", "pyproject.toml", "dev.py"):
+    for f in ("setup.cfg", "setup.py", "pyproject.toml", "dev.py"):
         h.update((ROOT / f).read_bytes())
     h.update(TORCH_SPEC.encode())
     return h.hexdigest()

@@ -49,7 +49,7 @@ def small_shards(tmp_path_factory):
     """Shards of a smaller synthetic dataset (48/16/16 images, 4 regions x 16-d): ~10 steps of 24 pairs an epoch,
     for tests that train many times (the resume and kill-protocol tests)."""
     from itr.data.synthetic import generate
-    from shards.precomp import shard_precomp
+    from itr.shards.precomp import shard_precomp
 
     src = generate(tmp_path_factory.mktemp("small_src"), splits=(("train", 48), ("dev", 16), ("test", 16)), dim=16,
                    regions=4, seed=3)
