@@ -307,8 +307,8 @@ def main(argv=None):
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed (imported by accelerate) warns on every start
-    if a.cmd == "recipes" and a.action == "cp" and not (a.name and a.dest):
-        p.error("itr recipes cp needs NAME and DEST, e.g. itr recipes cp f30k/vse_infty my.yaml")
+    if a.cmd == "recipes" and ((a.name, a.dest) != (None, None) if a.action == "ls" else not (a.name and a.dest)):
+        p.error("usage: itr recipes ls, or itr recipes cp NAME DEST (e.g. itr recipes cp f30k/vse_infty my.yaml)")
     if extra:  # overrides after --out DIR
         if hasattr(a, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             a.overrides += extra

@@ -125,9 +125,9 @@ def verify_shards(m, mode="checksum", progress=False):
     shards = m["shards"]
     it = shards
     if progress and mode == "checksum":
-        from tqdm import tqdm
+        from itr.progress import bar
 
-        it = tqdm(shards, desc=f"verify {m['split']} shards", unit="shard")
+        it = bar(shards, desc=f"verify {m['split']} shards", unit="shard")
     for s in it:
         p = root / s["name"]
         if not p.is_file():
