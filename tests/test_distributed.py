@@ -59,6 +59,8 @@ def test_multi_gpu_flag_on_a_cpu_box_still_gives_a_real_two_process_run(tiny_dat
     p = accelerate_launch(2, "train", DEMO, *tiny_overrides(tiny_data, **{"train.epochs": 1}), "train.world_size=2",
                           "tracking.enabled=false", "--out", tmp_path / "run", use_cpu=False)
     assert p.returncode == 0, p.stderr[-4000:]
+    ends = [line for line in p.stderr.splitlines() if line.startswith("epoch 1/1: 100%")]
+    assert len(ends) == 1 and ends[0].isascii() and "\r" not in p.stderr  # rank 0's bar only, as whole ASCII lines
     assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2
 
 

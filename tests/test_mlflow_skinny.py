@@ -87,7 +87,7 @@ def test_tracked_training_and_compare_work_with_mlflow_skinny_alone(tiny_data, t
                             f"tracking.uri={db}", "tracking.run_name=skinny", "--out", tmp_path / "run"],
                            capture_output=True, text=True, errors="replace", env=env, timeout=300)
     assert train.returncode == 0, train.stderr[-4000:]
-    assert "warn" not in train.stderr.lower() or "tracker failed" not in train.stderr, train.stderr[-3000:]
+    assert "tracker failed" not in train.stderr, train.stderr[-3000:]  # the tracker would warn and go on without
     import mlflow
 
     (run,) = mlflow.tracking.MlflowClient(db).search_runs([mlflow.tracking.MlflowClient(db).get_experiment_by_name(
