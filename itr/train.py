@@ -27,6 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from itr import checkpoint as ckpt
+from itr import progress
 from itr import rundir
 from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
@@ -241,7 +242,8 @@ class Trainer:
         steps = self.epoch_steps[epoch]
         first = s.micro_in_epoch // t.grad_accum
         batches = self.loader.epoch(epoch, skip=s.micro_in_epoch, segments=s.segments)
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not self.main, unit="step")
+        bar = progress.bar(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", enabled=self.main,
+                           unit="step")
         stopped = None
         try:
             for _ in range(first, steps):

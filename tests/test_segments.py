@@ -8,7 +8,7 @@ from itr.data.plan import plan_epoch
 from itr.data.segments import Shape, rank_order, shard_index, stream_plan
 from itr.data.sources import split_captions
 from itr.data.text import WordVocab
-from shards.precomp import shard_precomp
+from itr.shards.precomp import shard_precomp
 
 
 @pytest.fixture(scope="module")

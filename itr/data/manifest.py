@@ -126,9 +126,9 @@ def verify_shards(m, mode="checksum", progress=False, on_bad=None):
     shards = m["shards"]
     it = shards
     if progress and mode == "checksum":
-        from tqdm import tqdm
+        from itr.progress import bar
 
-        it = tqdm(shards, desc=f"verify {m['split']} shards", unit="shard")
+        it = bar(shards, desc=f"verify {m['split']} shards", unit="shard")
     for s in it:
         try:
             changed |= _verify_one(root / s["name"], s, m, mode, cache)

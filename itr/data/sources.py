@@ -53,7 +53,7 @@ def ensure_shards(data_cfg, split, is_main=True, barrier=lambda: None, progress=
     else:
         out = resolve_path(data_cfg.shard_dir) if data_cfg.shard_dir else shard_cache_dir(root, data_cfg.dtype, data_cfg.images_per_shard)
         if is_main and not mf.is_shard_dir(out, split):
-            from shards.precomp import shard_precomp
+            from itr.shards.precomp import shard_precomp
 
             print(f"[itr] sharding {root} split {split!r} -> {out}", flush=True)
             shard_precomp(root, split, out, dtype=data_cfg.dtype, images_per_shard=data_cfg.images_per_shard,
