@@ -98,6 +98,11 @@ class PairStream(IterableDataset):
 
     def _sample(self, sample, path, aug):
         """(features, meta) of one image, or None when none of its pairs is this rank's (before decoding)."""
+        need = ("json",) if self.key == "pixels" else ("json", "feat.npy")
+        lacks = [k for k in need if k not in sample]
+        if lacks:
+            raise DataError(f"shard {path}: sample {sample.get('__key__')} lacks {', '.join(lacks)}: the shard is "
+                            f"truncated or was not written by `itr shard`; rebuild it (or data.on_error=skip)")
         meta = json.loads(sample["json"])
         if self.keep is not None:
             pairs = [(c, t) for c, t in zip(meta["caption_indices"], meta["captions"]) if self.keep[c]]
