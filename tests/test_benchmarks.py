@@ -57,3 +57,16 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert in_i2t == sorted(in_i2t) and in_i2t[-1] == 100.0, out  # K = every caption: every ground truth is in
     full = float(out.split("full SCAN: rsum ")[1].split(",")[0])
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
+
+
+@pytest.mark.slow
+def test_loader_benchmark_reads_every_pair_once_and_measures_both_sizes(tmp_path):
+    import json
+
+    out = _bench("loader.py", "--tiny", "--json", tmp_path / "loader.json", timeout=600)
+    res = json.loads((tmp_path / "loader.json").read_text())
+    assert "keeps up with" in out and "peak RSS grows" in out, out
+    assert all(res[f"loader_{t}_{w}_pairs_per_s"] > 0 for t in ("bert", "words") for w in (0, 1, 2))
+    assert res["consume_pairs_per_s"] > 0
+    assert 0 < res["rss_1x_gib"] and 0 < res["rss_10x_gib"]
+    assert out.count(", 600 pairs;") == 6  # 120 images x 5 captions, each once
