@@ -148,8 +148,7 @@ def reference(cluster, tiny_data, tmp_path_factory):
     while time.time() < deadline and state(job) not in DONE | {"GONE"}:
         time.sleep(1)
     text = read_log(log, missing_ok=True)
-    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}
-{errors_first(text)}"
+    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}\n{errors_first(text)}"
     return {"dir": d / "run", "log": text}
 
 
