@@ -51,7 +51,8 @@ def deepspeed_config_path(recipe_value):
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not path or path == "none":
         raise LaunchError("accelerate launch --use_deepspeed needs --deepspeed_config_file (see launch/README.md)")
-    return resolve_launch_deepspeed_file(path, launch_args())
+    relative = not Path(os.path.expandvars(os.path.expanduser(path))).is_absolute()
+    return resolve_launch_deepspeed_file(path, launch_args() if relative else None)
 
 
 def resolve_launch_deepspeed_file(path, launch):
