@@ -37,6 +37,7 @@ from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_
                              make_accelerator)
 from itr.eval.job import evaluate_model, final_test
 from itr.eval.metrics import KEYS, format_table
+from itr.launcher import check_launcher_precision
 from itr.models import build_model, make_tokenizer
 from itr.optim import make_optimizer, set_lr
 from itr.plots import recall_at_k, training_curves
@@ -104,6 +105,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {launched_world} ranks x "
                               f"train.grad_accum={t.grad_accum}")
         self.rank_batch = t.batch_size // (launched_world * t.grad_accum)
+        check_launcher_precision(t.mixed_precision)
         self.ds_path = deepspeed_config_path(t.deepspeed)
         self.ds_config = fill_deepspeed_config(self.ds_path, self.rank_batch, t.grad_accum, launched_world,
                                                t.grad_clip, t.mixed_precision) if self.ds_path else None

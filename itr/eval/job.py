@@ -325,6 +325,10 @@ def run_score(sims_path, protocol="1k", json_out=None, chunk_size=1024):
         raise DataError(f"{sims_path}: cannot read as .npy ({e})") from None
     if sims.ndim != 2 or 0 in sims.shape:
         raise DataError(f"{sims_path}: expected a non-empty (n_images, n_captions) matrix, got shape {sims.shape}")
+    if sims.shape[0] == 5 * sims.shape[1]:
+        raise DataError(f"{sims_path}: shape {sims.shape} is (captions, images), the transpose of what `itr score` "
+                        f"reads ((n_images, 5 n_images), caption j of image j // 5); save the transpose: "
+                        f"np.save(PATH, np.load({str(sims_path)!r}).T)")
     from itr.data.sources import check_finite
 
     check_finite(sims, sims_path)
