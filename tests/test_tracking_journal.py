@@ -74,12 +74,15 @@ def test_training_records_environment_metrics_artifacts_and_eval_lines_up(micro_
     assert tags["zero_stage"] == "none" and "torch.optim.Adam" in tags["optimizer_impl"]
     assert len(tags["data.manifest_digest"]) == 16 and len(tags["data.manifest_sha256"]) == 16
     assert tags["best_checkpoint"] == "artifact:best_checkpoint"
-    # per step: loss, lr, grad norm, throughput, memory; per epoch: every dev metric; test under both key styles
-    for key in ("loss", "lr", "grad_norm", "samples_per_sec", "cpu_rss_mb"):
+    # per step (the one epoch is the warm-up): loss, lr, grad norm, throughput, memory; dev at the last step; test
+    for key in ("train/loss_warmup", "train/lr", "train/grad_norm", "train/samples_per_sec", "train/cpu_rss_mb"):
         assert len(client.get_metric_history(res["run_id"], key)) == 5, key
-    assert {f"dev_{k}" for k in KEYS} | {f"test_{k}" for k in KEYS} | {f"test_1k_{k}" for k in KEYS} <= set(metrics)
-    assert metrics["test_1k_rsum"] == metrics["test_rsum"] == pytest.approx(res["test"]["rsum"])
-    assert metrics["train_samples_per_sec"] > 0 and metrics["cpu_rss_mb"] > 10
+    assert {f"dev/{k}" for k in KEYS} | {f"test/{k}" for k in KEYS} | {"dev/epoch"} <= set(metrics)
+    assert all("/" in k for k in metrics) and not any(k.startswith("test_") for k in metrics)  # one name per value
+    assert metrics["test/rsum"] == pytest.approx(res["test"]["rsum"]) and metrics["dev/epoch"] == 1
+    assert metrics["train/samples_per_sec_mean"] > 0 and metrics["train/cpu_rss_mb"] > 10
+    assert [(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs] == [
+        ("synthetic/train", tags["data.manifest_digest"])]
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
     assert {"recipe.yaml", "results.json", "curves.png", "recall_at_k.png", "launch.json", "best_checkpoint"} <= arts
     assert "best_checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(res["run_id"], "best_checkpoint")}
@@ -87,20 +90,21 @@ def test_training_records_environment_metrics_artifacts_and_eval_lines_up(micro_
     assert launch["argv"] and launch["env"].get("ITR_SWEEP") == "sweep-a"
     assert (run / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
     ops = [rec["op"] for rec in tracking.read_journal(run / tracking.JOURNAL)]
-    assert ops[0] == "start" and ops[-1] == "end" and "offline" not in ops
+    assert ops[0] == "start" and ops[-1] == "end" and "offline" not in ops and "input" in ops
 
     # itr eval into the training run (another protocol) and into a new evaluation run: the same key names
     run_eval(run / "best", micro_data, "test", protocol="5k", log_to_run=res["run_id"])
-    assert client.get_run(res["run_id"]).data.metrics["test_5k_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert client.get_run(res["run_id"]).data.metrics["test_5k/rsum"] == pytest.approx(res["test"]["rsum"])
     assert main(["eval", str(run / "best"), "--data", str(micro_data), "--split", "test", "--log-run",
                  "--run-name", "later-eval"]) == 0
     ev = [x for x in client.search_runs([r.info.experiment_id]) if x.info.run_name == "later-eval"][0]
-    assert ev.data.metrics["test_1k_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert ev.data.metrics == pytest.approx({f"test/{k}": res["test"][k] for k in KEYS})  # the recipe's protocol
     assert ev.data.tags["itr.kind"] == "eval" and ev.data.tags["train_run_id"] == res["run_id"]
+    assert ev.data.tags["mlflow.parentRunId"] == res["run_id"]  # nested under the training
     assert ev.data.tags["model"] == "vsepp" and ev.data.params["model.name"] == "vsepp" and ev.info.status == "FINISHED"
     assert {"eval/test_1k_metrics.json", "eval/test_1k_recall_at_k.png"} <= {
         a.path for a in client.list_artifacts(ev.info.run_id, "eval")}
-    # and both line up in `itr compare` (training: test_*, evaluation run: its test_1k_*)
+    # and both line up in `itr compare` (test/* in both)
     rows = tracking_compare(uri)
     assert {row["run_id"]: row["rsum"] for row in rows} == pytest.approx(
         {res["run_id"]: res["test"]["rsum"], ev.info.run_id: res["test"]["rsum"]})
@@ -186,15 +190,21 @@ def _boom(*a, **kw):
     raise ConnectionError("server gone")
 
 
-def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0):
+def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0, legacy=False):
+    """A finished training run: dev/* at optimizer steps (10 per epoch) with dev/epoch, test/*; ``legacy``: the
+    names before the prefixes (dev_* at step = epoch, test_*, train_samples_per_sec)."""
     run = client.create_run(exp_id, run_name=name, tags={"model": "vsepp", "dataset": "synthetic", "sweep": sweep})
-    metrics = [Metric("train_samples_per_sec", sps, 0, 0)]
+    recalls = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
+    key = (lambda fam, k: f"{fam}_{k}") if legacy else (lambda fam, k: f"{fam}/{k}")
+    metrics = [Metric("train_samples_per_sec" if legacy else "train/samples_per_sec_mean", sps, 0, 0)]
     for epoch, rsum in enumerate(dev, 1):
-        metrics += [Metric("dev_rsum", rsum, epoch, epoch)] + [Metric(f"dev_{k}", rsum / 6, epoch, epoch)
-                                                             for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")]
+        step = epoch if legacy else 10 * epoch
+        metrics += [Metric(key("dev", "rsum"), rsum, epoch, step)] + [Metric(key("dev", k), rsum / 6, epoch, step)
+                                                                    for k in recalls]
+        if not legacy:
+            metrics.append(Metric("dev/epoch", epoch, epoch, step))
     if test is not None:
-        metrics += [Metric(f"test_{k}", test / 6, 0, 0) for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")]
-        metrics.append(Metric("test_rsum", test, 0, 0))
+        metrics += [Metric(key("test", k), test / 6, 0, 0) for k in recalls] + [Metric(key("test", "rsum"), test, 0, 0)]
     client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag("x", "1")])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -203,7 +213,8 @@ def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0):
 def test_compare_sorts_by_rsum_and_writes_csv_markdown_and_plot(tmp_path, capsys, store):
     client = mlflow.tracking.MlflowClient(store)
     exp = client.create_experiment("itr")
-    low = _fake_run(client, exp, "low", test=300.0, dev=(200.0, 250.0))
+    low = _fake_run(client, exp, "low", test=300.0, dev=(200.0, 250.0), legacy=True)  # logged before the prefixes
+    client.create_run(exp, run_name="sweep s", tags={"itr.kind": "sweep", "sweep": "s"})  # a parent: no row
     high = _fake_run(client, exp, "high", test=450.0, dev=(300.0, 400.0, 420.0))
     devonly = _fake_run(client, exp, "dev-only", dev=(100.0, 350.0, 320.0))
     other = _fake_run(client, exp, "other-sweep", test=500.0, sweep="t")
@@ -216,6 +227,8 @@ def test_compare_sorts_by_rsum_and_writes_csv_markdown_and_plot(tmp_path, capsys
     assert lines[0].startswith("run,run_id,model,dataset,sweep,metric,rsum,i2t_R1")
     assert [line.split(",")[1] for line in lines[1:]] == [high, devonly, low]
     assert lines[2].split(",")[5] == "dev (epoch 2)" and float(lines[2].split(",")[6]) == 350.0
+    assert float(lines[2].split(",")[7]) == pytest.approx(350 / 6)  # the best dev step's recalls
+    assert lines[3].split(",")[5:7] == ["test", "300.0"] and float(lines[3].split(",")[-4]) == 2  # old names
     assert float(lines[1].split(",")[-4]) == 3  # epochs: from the dev history
     md = open(f"{out}.md").read().splitlines()
     assert md[0].startswith("| run | id | model |") and len(md) == 5 and "| 450.0 |" in md[2]
@@ -288,7 +301,7 @@ def test_log_evaluation_adds_to_a_run_without_ending_it_again(tmp_path, store):
                                    checkpoint="ck", data="d", artifacts=[tmp_path / "m.json"]) == t.run_id
     r = client.get_run(t.run_id)
     assert (r.info.status, r.info.end_time) == (before.status, before.end_time) == ("FAILED", before.end_time)
-    assert {f"test_5k_{k}" for k in KEYS} == set(r.data.metrics) and r.data.tags["eval.test_5k_checkpoint"] == "ck"
+    assert {f"test_5k/{k}" for k in KEYS} == set(r.data.metrics) and r.data.tags["eval.test_5k_checkpoint"] == "ck"
     assert [a.path for a in client.list_artifacts(t.run_id, "eval")] == ["eval/m.json"]
     assert client.get_experiment_by_name("elsewhere") is None  # the run has its experiment
 
