@@ -12,6 +12,10 @@ def training_curves(history, path, title="", warmup_epochs=0, warmup_step=None):
 
     The warm-up (``warmup_epochs`` of summed violations, up to optimizer step ``warmup_step``) is shaded and its
     loss drawn apart: it is ~100x the hardest-negative loss that follows, which is no collapse."""
+    return _save(curves_figure(history, warmup_epochs, warmup_step), path, title)
+
+
+def curves_figure(history, warmup_epochs=0, warmup_step=None):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     _loss_panel(ax1, history.get("loss") or [], warmup_step)
     dev = history.get("dev") or []
@@ -33,7 +37,7 @@ def training_curves(history, path, title="", warmup_epochs=0, warmup_step=None):
         ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.set(xlabel="epoch", ylabel="recall (%)", title="dev recall and rsum")
     ax2.grid(alpha=0.3)
-    return _save(fig, path, title)
+    return fig
 
 
 def _loss_panel(ax, loss, warmup_step):
@@ -63,6 +67,12 @@ def recall_at_k(named_metrics, path, title=""):
     the values written beside the points and pushed apart where lines meet.
 
     ``named_metrics``: {"test": metrics, "dev (best)": metrics, ...} with the i2t_R*/t2i_R* keys."""
+    fig, legend = recall_figure(named_metrics)
+    return _save(fig, path, title, rect=(0, 0.07 if legend else 0, 1, 1))
+
+
+def recall_figure(named_metrics):
+    """(figure, whether it has a legend) of ``recall_at_k``."""
     ks = (1, 5, 10)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     series = [(label, m) for label, m in named_metrics.items()
@@ -70,7 +80,8 @@ def recall_at_k(named_metrics, path, title=""):
     for ax, direction, name in ((axes[0], "i2t", "image -> text"), (axes[1], "t2i", "text -> image")):
         for i, (label, m) in enumerate(series):
             rsum = f" (rsum {m['rsum']:.1f})" if "rsum" in m else ""
-            ax.plot(ks, [m[f"{direction}_R{k}"] for k in ks], marker="o", color=f"C{i}", label=f"{label}{rsum}")
+            ax.plot(ks, [m[f"{direction}_R{k}"] for k in ks], marker="o", color=f"C{i}", ls=("-", "--", ":")[i % 3],
+                    label=f"{label}{rsum}")
         ax.set(xlabel="K", title=f"{name} R@K", xticks=ks, xlim=(0, 12.5))
         ax.grid(alpha=0.3)
     lo, hi = axes[0].get_ylim()
@@ -82,7 +93,7 @@ def recall_at_k(named_metrics, path, title=""):
     if series:
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(series), 3), fontsize=8, frameon=False)
-    return _save(fig, path, title, rect=(0, 0.07 if series else 0, 1, 1))
+    return fig, bool(series)
 
 
 def _value_labels(ax, series, ks):

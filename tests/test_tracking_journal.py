@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, RunTag, ViewType
 
 from itr import tracking
 from itr.cli import main
@@ -345,3 +345,127 @@ def test_a_resumed_tracker_runs_the_same_run_again_and_keeps_its_params(tmp_path
     r = client.get_run(t.run_id)
     assert r.info.status == "FINISHED" and r.data.params == {"optim.lr": "0.1", "train.epochs": "3"}
     assert [s["resumed"] for s in tracking.read_journal(tmp_path / tracking.JOURNAL) if s["op"] == "start"] == [False, True]
+
+
+def test_metric_names_old_and_new():
+    from itr.tracking import names
+
+    assert names.train_metrics(2.0, True, lr=0.1) == {"train/loss_warmup": 2.0, "train/lr": 0.1}
+    assert names.eval_family("test", "1k", "", ("test", "1k")) == "test"
+    assert names.eval_family("testall", "coco-5fold", "", ("testall", "coco-5fold")) == "test"
+    assert names.eval_family("test", "5k", "", ("test", "1k")) == "test_5k"
+    assert names.eval_family("test", "1k", "_top50", ("test", "1k")) == "test_1k_top50"
+    assert names.eval_family("testall", "coco-5fold") == "testall_coco5fold"
+    old = {"loss": 1.0, "lr": 0.1, "dev_rsum": 3.0, "dev_i2t_R10": 4.0, "test_rsum": 5.0, "test_1k_t2i_meanr": 6.0,
+           "train_samples_per_sec": 7.0, "epochs_completed": 2.0, "cpu_rss_mb": 9.0, "train/loss": 1.5}
+    assert names.normalize(old) == {"train/loss": 1.5, "train/lr": 0.1, "dev/rsum": 3.0, "dev/i2t_R10": 4.0,
+                                    "test/rsum": 5.0, "test_1k/t2i_meanr": 6.0, "train/samples_per_sec_mean": 7.0,
+                                    "train/epochs_completed": 2.0, "train/cpu_rss_mb": 9.0}
+    assert names.families(names.normalize(old)) == ["test"]
+    assert names.history_keys("dev/rsum") == ("dev/rsum", "dev_rsum")
+    assert names.history_keys("train/samples_per_sec_mean") == ("train/samples_per_sec_mean", "train_samples_per_sec")
+
+
+def test_links_open_the_training_view_and_the_user_is_a_person(monkeypatch):
+    view = "workflowType=machine_learning"
+    assert tracking.ui_hint("http://h:5000/", "3", "abc") == f"open http://h:5000/#/experiments/3/runs/abc?{view}"
+    assert tracking.ui_hint("http://h:5000", "3").endswith(f"/#/experiments/3?{view}")
+    assert tracking.ui_path(compare=[("1", "a"), ("2", "b"), ("1", "c")]) == \
+        f'/#/compare-runs?runs=["a","b","c"]&experiments=["1","2"]&{view}'
+    assert f"# then open http://127.0.0.1:5000/#/experiments/1/runs/r?{view}" in tracking.ui_hint("sqlite:///x.db", "1", "r")
+    for var in ("MLFLOW_TRACKING_USERNAME", "SUDO_USER", "SLURM_JOB_USER", "LOGNAME", "LNAME", "USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("USER", "alice")
+    assert tracking.user_name() == "alice"
+    monkeypatch.setenv("USER", "root")
+    monkeypatch.setenv("SUDO_USER", "bob")
+    assert tracking.user_name() == "bob"  # a person behind a generic root
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    assert tracking.user_name() == "carol" == tracking.source_tags()["mlflow.user"]
+
+
+def test_racing_sweep_members_agree_on_one_parent(store):
+    """A member whose search ran before another member's parent existed creates its own, then finds the older
+    one, takes it and deletes its own: every member nests under one run."""
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.create_experiment("itr")
+    first = tracking.sweep_parent(client, exp, "lr")
+    assert tracking.sweep_parent(client, exp, "lr") == first  # found, not created again
+
+    class Late:  # the first search sees nothing yet
+        def __init__(self):
+            self.searches = 0
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def search_runs(self, *a, **kw):
+            self.searches += 1
+            return [] if self.searches == 1 else client.search_runs(*a, **kw)
+
+    assert tracking.sweep_parent(Late(), exp, "lr") == first
+    runs = client.search_runs([exp], "tags.`itr.kind` = 'sweep'", run_view_type=ViewType.ALL)
+    assert sorted(r.info.lifecycle_stage for r in runs) == ["active", "deleted"]
+    assert tracking.sweep_parent(client, exp, "other") != first
+
+
+def test_sync_brings_the_dataset_input_and_the_sweep_parent_of_an_offline_run(tmp_path, store, micro_data):
+    """A run that never reached the store: `itr sync` creates it under its sweep's run, with its dataset input;
+    a second sync adds nothing."""
+    from itr.data.sources import ensure_shards
+
+    recipe = load_recipe(DEMO, micro_overrides(micro_data))
+    manifest = ensure_shards(recipe.data, "train", progress=False)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = tracking.Tracker(_cfg(dead, run_name="offline"), journal=tmp_path / tracking.JOURNAL, sweep="s1",
+                             system_metrics=True)
+        t.log_input(tracking.manifest_dataset(manifest, "synthetic/train"))
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.finish()
+    assert t.system is None  # offline: no monitor
+    out = tracking.sync(tmp_path, uri=store, quiet=True)
+    assert out[0]["created"] and out[0]["inputs"] == 1
+    client = mlflow.tracking.MlflowClient(store)
+    run = client.get_run(out[0]["run_id"])
+    assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [
+        ("synthetic/train", tracking.manifest_tags(manifest)["data.manifest_digest"])]
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["itr.sweep_of"] == "s1" and parent.info.experiment_id == run.info.experiment_id
+    again = tracking.sync(tmp_path, uri=store, quiet=True)
+    assert (again[0]["run_id"], again[0]["inputs"], again[0]["metrics"]) == (run.info.run_id, 0, 0)
+
+
+def test_plots_name_rsum_mark_the_warm_up_and_keep_labels_apart():
+    """recall_at_k: rsum in the legend, value labels that do not overlap even where two lines meet; curves:
+    plain log-axis tick labels (1-2-5), the warm-up loss drawn and shaded apart, rsum in the dev legend."""
+    import matplotlib.pyplot as plt
+
+    from itr import plots
+
+    keys = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
+    dev = dict(zip(keys, (40.0, 60.0, 69.0, 38.0, 55.0, 64.0)), rsum=326.0)
+    test = dict(dev, i2t_R1=40.4, t2i_R5=54.7, rsum=326.1)  # nearly the same: labels would sit on each other
+    fig, _ = plots.recall_figure({"dev (best, epoch 6)": dev, "test": test})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dev (best, epoch 6) (rsum 326.0)", "test (rsum 326.1)"]
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(boxes) == 6
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+    loss = [[s, 40 * 0.97 ** s if s <= 50 else 0.4 * 0.99 ** (s - 50)] for s in range(1, 301)]
+    hist = {"loss": loss, "dev": [[e, dict(dev, rsum=300.0 + e)] for e in (1, 2, 3)]}
+    fig = plots.curves_figure(hist, warmup_epochs=1, warmup_step=50)
+    fig.canvas.draw()
+    ax1, ax2, ax3 = fig.axes
+    assert ax1.get_yscale() == "log"
+    ticks = {t.get_text() for t in ax1.get_yticklabels() if t.get_text()}
+    assert {"0.1", "0.2", "0.5", "1", "2", "5", "10", "20"} <= ticks and not any("^" in t for t in ticks)
+    assert [line.get_label() for line in ax1.get_lines()] == ["warm-up: summed violations", "hardest negative"]
+    assert ax1.patches and ax2.patches  # the warm-up shaded on both panels
+    assert "rsum (right axis)" in [t.get_text() for t in ax2.get_legend().get_texts()]
+    plt.close(fig)
