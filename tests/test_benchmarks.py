@@ -57,3 +57,19 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert in_i2t == sorted(in_i2t) and in_i2t[-1] == 100.0, out  # K = every caption: every ground truth is in
     full = float(out.split("full SCAN: rsum ")[1].split(",")[0])
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
+
+
+def test_install_size_measures_what_mlflow_skinny_leaves_out():
+    """benchmarks/install_size.py --tiny: the full mlflow's closure holds the skinny one and the server's stack."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import install_size
+    finally:
+        sys.path.pop(0)
+    assert {"mlflow-skinny", "pyyaml", "torch"} <= set(install_size.runtime_requirements())
+    skinny, full = install_size.closure(["mlflow-skinny"]), install_size.closure(["mlflow"])
+    assert set(skinny) < set(full) and {"flask", "pandas", "scipy"} <= set(full) - set(skinny)
+    assert not {"flask", "pandas", "scipy", "pyarrow"} & set(skinny)
+    out = _bench("install_size.py", "--tiny")
+    saved = float(out.split("saved ")[1].split()[0])
+    assert saved > 100 and "only in the full install" in out, out

@@ -70,7 +70,7 @@ def test_a_missing_split_names_the_closest_and_lists_the_splits(capsys, tmp_path
     assert "'dve' (did you mean dev?)" in err and "splits there: dev, test, train" in err
     from itr.data.manifest import load_manifest
     from itr.data.precomp import DataError, open_precomp
-    from shards.precomp import shard_precomp
+    from itr.shards.precomp import shard_precomp
 
     with pytest.raises(DataError) as e:
         open_precomp(tiny_data, "tset")
