@@ -30,6 +30,7 @@ def test_a_launcher_precision_that_differs_from_the_recipe_stops_the_run(tmp_pat
     assert not (tmp_path / "r" / "last").exists()
 
 
+@pytest.mark.slow  # a whole training with an MLflow store
 def test_the_same_precision_from_the_launcher_and_the_recipe_trains_in_it(tmp_path, tiny_data):
     p = run_itr("train", DEMO, *tiny_overrides(tiny_data, **{"train.epochs": 1}), "train.mixed_precision=bf16",
                 f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "--out", tmp_path / "r",
@@ -57,27 +58,39 @@ def _accelerate(*args, cwd, env=None, timeout=300):
                           text=True, cwd=cwd, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
+def _train(tmp_path, tiny_data):
+    return ["-m", "itr", "train", DEMO, *tiny_overrides(tiny_data, **{"train.epochs": 1}), "tracking.enabled=false"]
+
+
 @pytest.mark.slow
-def test_accelerate_launch_precision_flags_and_default_config(tmp_path, tiny_data):
-    """Really launched: `--mixed_precision bf16` against a recipe saying no stops; a plain `accelerate launch`
-    (which exports ACCELERATE_MIXED_PRECISION=no) trains a bf16 recipe in bf16; a default `accelerate config`
-    with bf16 against a recipe saying no stops."""
-    hf_home = tmp_path / "hf"  # accelerate's default config lives under $HF_HOME/accelerate
-    train = ["-m", "itr", "train", DEMO, *tiny_overrides(tiny_data, **{"train.epochs": 1}), "tracking.enabled=false"]
-    p = _accelerate("--num_processes", "1", "--mixed_precision", "bf16", *train, "train.mixed_precision=no",
-                    "--out", tmp_path / "a", cwd=tmp_path, env={"HF_HOME": str(hf_home)})
+def test_accelerate_launch_mixed_precision_flag_against_the_recipe_stops(tmp_path, tiny_data):
+    """Really launched: `--mixed_precision bf16` against a recipe saying no stops with itr's user-error code."""
+    p = _accelerate("--num_processes", "1", "--mixed_precision", "bf16", *_train(tmp_path, tiny_data),
+                    "train.mixed_precision=no", "--out", tmp_path / "a", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     assert p.returncode != 0 and "ACCELERATE_MIXED_PRECISION=bf16" in p.stderr, p.stderr[-3000:]
     assert "itr train: error: " in p.stderr and "train.mixed_precision=no" in p.stderr
     assert "exit status 2" in p.stderr  # itr's exit code for a user error (accelerate adds its own traceback)
-    p = _accelerate("--num_processes", "1", *train, "train.mixed_precision=bf16", "--out", tmp_path / "b",
-                    cwd=tmp_path, env={"HF_HOME": str(hf_home)})
+    assert not (tmp_path / "a" / "last").exists()
+
+
+@pytest.mark.slow
+def test_a_plain_accelerate_launch_trains_a_bf16_recipe_in_bf16(tmp_path, tiny_data):
+    """A plain `accelerate launch` exports ACCELERATE_MIXED_PRECISION=no: the recipe's bf16 runs."""
+    p = _accelerate("--num_processes", "1", *_train(tmp_path, tiny_data), "train.mixed_precision=bf16",
+                    "--out", tmp_path / "b", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "precision bf16" in p.stdout and (tmp_path / "b" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_default_accelerate_config_in_bf16_against_the_recipe_stops(tmp_path, tiny_data):
+    """A user's default `accelerate config` (under $HF_HOME/accelerate) with bf16, a recipe saying no: stops."""
+    hf_home = tmp_path / "hf"
     (hf_home / "accelerate").mkdir(parents=True)
     (hf_home / "accelerate" / "default_config.yaml").write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\nnum_machines: 1\n"
         "num_processes: 1\nuse_cpu: true\n")
-    p = _accelerate(*train, "train.mixed_precision=no", "--out", tmp_path / "c", cwd=tmp_path,
+    p = _accelerate(*_train(tmp_path, tiny_data), "train.mixed_precision=no", "--out", tmp_path / "c", cwd=tmp_path,
                     env={"HF_HOME": str(hf_home)})
     assert p.returncode != 0 and "ACCELERATE_MIXED_PRECISION=bf16" in p.stderr, p.stderr[-3000:]
     assert "default `accelerate config`" in p.stderr
