@@ -14,6 +14,7 @@ ITR_TORCH_SPEC): an importable torch is kept as it is.
 """
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def ensure_env():
     STAMP.write_text(digest + "\n")
 
 
+def ensure_chromium():
+    """Debian's chromium for the test that photographs the MLflow run page (tests/test_tracking_server.py);
+    installed only as root and only when missing (CI runs as root; a failed install fails that test)."""
+    if Path("/usr/bin/chromium").exists() or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    apt = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        sh("apt-get", "update", "-qq", env=apt)
+        sh("apt-get", "install", "-y", "-qq", "chromium", env=apt)
+    except subprocess.CalledProcessError as e:
+        print(f"dev.py: installing chromium failed ({e}); the run-page screenshot test will fail", flush=True)
+
+
 def env():
     e = dict(os.environ)
     e.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,7 +89,10 @@ def main(argv):
         return 0
     if cmd == "demo":
         return subprocess.run([PY, "-m", "itr", "demo", *rest], env=env(), cwd=ROOT).returncode
-    return subprocess.run([PY, "-m", "pytest", *rest], env=env(), cwd=ROOT).returncode
+    ensure_chromium()
+    test_env = env()
+    test_env.setdefault("ITR_TEST_ARTIFACTS", str(ROOT / "test-artifacts"))  # what tests keep (the run-page screenshot)
+    return subprocess.run([PY, "-m", "pytest", *rest], env=test_env, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -116,6 +116,11 @@ def _config(a):
     from itr.config import describe, load_recipe
 
     recipe = load_recipe(a.recipe, a.overrides)
+    if a.yaml:
+        from itr.recipe_yaml import dump_recipe
+
+        print(dump_recipe(recipe, a.recipe), end="")
+        return
     print("\n".join(describe(values=recipe)))
 
 
@@ -135,6 +140,8 @@ def parser():
     c = sub.add_parser("config", help="print every recipe key with its value and meaning")
     c.add_argument("recipe", nargs="?")
     c.add_argument("overrides", nargs="*")
+    c.add_argument("--yaml", action="store_true", help="print a complete recipe (every default filled in, the values "
+                                                       "that differ from the defaults marked) to save and edit")
     c.set_defaults(fn=_config)
     r = sub.add_parser("recipes", help="list (ls) or copy (cp NAME DEST) the bundled recipes, launch configs and "
                                        "sbatch files")

@@ -70,3 +70,19 @@ def test_loader_benchmark_reads_every_pair_once_and_measures_both_sizes(tmp_path
     assert res["consume_pairs_per_s"] > 0
     assert 0 < res["rss_1x_gib"] and 0 < res["rss_10x_gib"]
     assert out.count(", 600 pairs;") == 6  # 120 images x 5 captions, each once
+
+
+def test_install_size_measures_what_mlflow_skinny_leaves_out():
+    """benchmarks/install_size.py --tiny: the full mlflow's closure holds the skinny one and the server's stack."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import install_size
+    finally:
+        sys.path.pop(0)
+    assert {"mlflow-skinny", "pyyaml", "torch"} <= set(install_size.runtime_requirements())
+    skinny, full = install_size.closure(["mlflow-skinny"]), install_size.closure(["mlflow"])
+    assert set(skinny) < set(full) and {"flask", "pandas", "scipy"} <= set(full) - set(skinny)
+    assert not {"flask", "pandas", "scipy", "pyarrow"} & set(skinny)
+    out = _bench("install_size.py", "--tiny")
+    saved = float(out.split("saved ")[1].split()[0])
+    assert saved > 100 and "only in the full install" in out, out

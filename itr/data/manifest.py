@@ -13,7 +13,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from itr.data.precomp import DataError
+from itr.data.precomp import DataError, split_hint
 
 FORMAT = "itr-shards/1"
 
@@ -62,7 +62,9 @@ def safe_name(value, what, where):
 def load_manifest(root, split):
     p = manifest_path(root, split)
     if not p.is_file():
-        raise DataError(f"{p} is missing: not a shard directory for split {split!r} (build one with `itr shard precomp`)")
+        have = sorted(q.name[:-len(".manifest.json")] for q in Path(root).glob("*.manifest.json"))
+        raise DataError(f"{p} is missing: not a shard directory for split {split!r} (build one with `itr shard "
+                        f"precomp`){split_hint(root, split, have)}")
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -15,7 +15,7 @@ import numpy as np
 CAPS_PER_IMAGE = 5
 
 
-from itr.errors import DataError  # noqa: F401  (re-exported)
+from itr.errors import DataError, did_you_mean  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -54,6 +54,21 @@ def split_files(root, split):
     }
 
 
+def splits_in(root):
+    """The split names a data directory holds, precomp (``{split}_ims.npy``, ``{split}_caps.txt``) or sharded
+    (``{split}.manifest.json``)."""
+    names = set()
+    for suffix in ("_ims.npy", "_caps.txt", ".manifest.json"):
+        names |= {p.name[:-len(suffix)] for p in Path(root).glob("*" + suffix)}
+    return sorted(names)
+
+
+def split_hint(root, split, have=None):
+    """What to say after "split X is missing": the closest split present, and all of them."""
+    have = splits_in(root) if have is None else have
+    return f"{did_you_mean(split, have)}; splits there: {', '.join(have) or 'none'}"
+
+
 def is_precomp(root, split):
     f = split_files(root, split)
     return f["ims"].is_file() or f["caps"].is_file()
@@ -79,11 +94,9 @@ def open_precomp(root, split, mmap=True) -> PrecompSplit:
         raise DataError(f"data directory {root} does not exist")
     for role in ("ims", "caps"):
         if not f[role].is_file():
-            have = sorted(p.name for p in root.glob("*_ims.npy"))
-            raise DataError(
-                f"{f[role]} is missing (split {split!r} in {root}; "
-                f"splits with features there: {', '.join(h[:-8] for h in have) or 'none'})"
-            )
+            have = sorted(p.name[:-len("_ims.npy")] for p in root.glob("*_ims.npy"))
+            raise DataError(f"{f[role]} is missing (split {split!r} in {root}{did_you_mean(split, have)}; "
+                            f"splits with features there: {', '.join(have) or 'none'})")
     try:
         ims = np.load(f["ims"], mmap_mode="r" if mmap else None)
     except Exception as e:  # numpy raises several types for corrupt files

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from itr.data import manifest as mf
+from itr.data.precomp import (CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions,
+                              split_hint)
 from itr.data.remote import fetch, is_remote, url_of
-from itr.data.precomp import CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions
 
 
 def cache_root() -> Path:
@@ -29,7 +30,7 @@ def data_kind(root, split):
         return "precomp"
     raise DataError(
         f"{root} has neither {split}.manifest.json (a shard directory) nor {split}_ims.npy / {split}_caps.txt "
-        f"(a precomp directory) for split {split!r}"
+        f"(a precomp directory) for split {split!r}{split_hint(root, split)}"
     )
 
 
