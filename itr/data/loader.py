@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from itr.data.manifest import shard_paths
+from itr.distributed import pad_cat
 from itr.data.plan import batches_per_epoch, chunk_size, plan_epoch, shuffled  # noqa: F401 (re-exported)
 from itr.data.precomp import DataError
 from itr.data.segments import Shape, batches_left, consumed, shard_index, stream_plan
@@ -47,7 +48,7 @@ class PairStream(IterableDataset):
     def __init__(self, manifest, units, tokenizer, seed, epoch, rank, shuffle_buffer=5000, chunk=32,
                  image_size=224, keep=None, on_error="error"):
         self.paths = shard_paths(manifest)
-        self.manifest = {k: manifest.get(k) for k in ("feature_shape", "captions_per_image", "kind")}
+        self.manifest = {k: manifest.get(k) for k in ("feature_shape", "captions_per_image", "kind", "variable_regions")}
         self.units = list(units)
         self.tokenizer = tokenizer
         self.seed, self.epoch, self.rank = seed, epoch, rank
@@ -55,6 +56,7 @@ class PairStream(IterableDataset):
         self.chunk = chunk
         self.image_size = image_size
         self.key = image_key(manifest)
+        self.variable = bool(manifest.get("variable_regions"))
         self.keep = keep  # a boolean mask over caption indices: this rank's pairs of a resumed epoch, or None
         self.on_error, self.skipped = on_error, []
 
@@ -68,6 +70,11 @@ class PairStream(IterableDataset):
             return train_transform(decode(data), aug, self.image_size)
         feat = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
         want = tuple(self.manifest["feature_shape"])
+        if self.manifest.get("variable_regions"):  # (r, D) with 1 <= r <= the manifest's largest
+            if feat.ndim == 2 and feat.shape[1] == want[1] and 1 <= feat.shape[0] <= want[0]:
+                return feat
+            raise DataError(f"shard {path}: sample {sample['__key__']} has features {feat.shape}, manifest says "
+                            f"(1..{want[0]}, {want[1]})")
         if feat.shape != want:
             raise DataError(f"shard {path}: sample {sample['__key__']} has features {feat.shape}, manifest says {want}")
         return feat
@@ -138,10 +145,10 @@ class PairStream(IterableDataset):
         for feat, text, img, cap, extra in stream:
             buf.append((feat, self.tokenizer.encode(text), img, cap, extra))
             if len(buf) == self.chunk:
-                yield self._with_notes(_chunk(buf, self.key))
+                yield self._with_notes(_chunk(buf, self.key, self.variable))
                 buf = []
         if buf or self.skipped:
-            yield self._with_notes(_chunk(buf, self.key) if buf else {})
+            yield self._with_notes(_chunk(buf, self.key, self.variable) if buf else {})
 
     def _with_notes(self, chunk):
         if self.skipped:
@@ -149,7 +156,25 @@ class PairStream(IterableDataset):
         return chunk
 
 
-def _chunk(items, key="feats"):
+def _stack(arrays):
+    """np.stack, zero padding the first axis to the longest where the region counts differ."""
+    r = max(a.shape[0] for a in arrays)
+    if all(a.shape[0] == r for a in arrays):
+        return torch.from_numpy(np.stack(arrays))
+    out = np.zeros((len(arrays), r, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, :a.shape[0]] = a
+    return torch.from_numpy(out)
+
+
+def _chunk(items, key="feats", variable=False):
+    """A chunk of pairs; with ``variable`` region counts, features and boxes zero padded and ``feat_lens``."""
+    if variable:
+        out = {key: _stack([it[0] for it in items]),
+               "feat_lens": torch.tensor([it[0].shape[0] for it in items], dtype=torch.long)}
+        for k in items[0][4]:
+            out[k] = _stack([it[4][k] for it in items])
+        return {**out, **_chunk_ids(items)}
     out = {
         key: torch.from_numpy(np.stack([it[0] for it in items])),
         "tokens": [it[1] for it in items],
@@ -159,6 +184,12 @@ def _chunk(items, key="feats"):
     for key in items[0][4]:  # per-image extras: boxes
         out[key] = torch.from_numpy(np.stack([it[4][key] for it in items]))
     return out
+
+
+def _chunk_ids(items):
+    return {"tokens": [it[1] for it in items],
+            "img_ids": torch.tensor([it[2] for it in items], dtype=torch.long),
+            "cap_ids": torch.tensor([it[3] for it in items], dtype=torch.long)}
 
 
 def collate_tokens(token_lists, pad_id):
@@ -171,7 +202,8 @@ def collate_tokens(token_lists, pad_id):
 
 def _merge(chunks, pad_id):
     ids, lens = collate_tokens([t for c in chunks for t in c["tokens"]], pad_id)
-    out = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0] if key != "tokens"}
+    cat = pad_cat if "feat_lens" in chunks[0] else torch.cat  # variable region counts: pad to the batch's longest
+    out = {key: cat([c[key] for c in chunks]) for key in chunks[0] if key != "tokens"}
     out.update(text_ids=ids, text_lens=lens)
     return out
 
