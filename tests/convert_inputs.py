@@ -11,7 +11,7 @@ def karpathy_json(path, n, split="test", coco=False, words=None):
     rng = np.random.default_rng(5)
     images = []
     for i in range(n + 1):
-        im = {"filename": f"{1000 + i}.jpg", "imgid": i, "split": split if i < n else "train",
+        im = {"filename": f"{1000 + i}.jpg", "imgid": i, "split": split if i < n else "restval",
               "sentences": [{"raw": " ".join(rng.choice(words, 3 + (i + k) % 6)) + f" {i}"} for k in range(5)]}
         if coco:
             im.update(cocoid=50000 + i, filepath="val2014")
