@@ -16,27 +16,34 @@ from itr.data.precomp import DataError, open_precomp
 from itr.shards.writer import npy_bytes, write_split
 
 
+_MAPS = {}  # (file, rows per image) -> memory map, once per process (a worker gets a fresh PrecompRows per shard)
+
+
+def _rows(path, step):
+    key = (str(path), step)
+    if key not in _MAPS:
+        a = np.load(path, mmap_mode="r")
+        _MAPS[key] = (a[:, None, :] if a.ndim == 2 else a)[::step]
+    return _MAPS[key]
+
+
 class PrecompRows:
-    """``members`` of a precomp split: picklable (for ``--workers``), the memory map opened in each process."""
+    """``members`` of a precomp split: picklable (for ``--workers``), the memory maps opened in each process
+    (checked by ``open_precomp`` in the main one)."""
 
-    def __init__(self, data_dir, split, dtype):
-        self.data_dir, self.split, self.dtype = str(data_dir), split, dtype
-        self._src = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_src": None}
+    def __init__(self, src, dtype):
+        self.ims, self.dtype, self.step = str(src.files["ims"]), dtype, src.rows_per_image
+        self.boxes = str(src.files["boxes"]) if src.boxes is not None else None
+        self.box_step = np.load(self.boxes, mmap_mode="r").shape[0] // src.num_images if self.boxes else 1
 
     def __call__(self, i):
-        if self._src is None:
-            self._src = open_precomp(self.data_dir, self.split)
-        src = self._src
-        feat = np.asarray(src.images[i], dtype=self.dtype)
+        feat = np.asarray(_rows(self.ims, self.step)[i], dtype=self.dtype)
         if not np.isfinite(feat).all():
-            raise DataError(f"{src.files['ims']}: image {i} has non-finite features"
+            raise DataError(f"{self.ims}: image {i} has non-finite features"
                             + (" after the cast to float16 (values beyond 65504?)" if self.dtype == "float16" else ""))
         out = {"feat.npy": npy_bytes(feat)}
-        if src.boxes is not None:
-            out["boxes.npy"] = npy_bytes(np.asarray(src.boxes[i], dtype=np.float32))
+        if self.boxes:
+            out["boxes.npy"] = npy_bytes(np.asarray(_rows(self.boxes, self.box_step)[i], dtype=np.float32))
         return out
 
 
@@ -69,7 +76,7 @@ def shard_precomp(data_dir, split, out_dir, dtype="float16", images_per_shard=10
             "rows_per_image": src.rows_per_image,
         },
     }
-    return write_split(out_dir, split, src.num_images, PrecompRows(data_dir, split, dtype), src.captions, src.ids,
+    return write_split(out_dir, split, src.num_images, PrecompRows(src, dtype), src.captions, src.ids,
                        info, images_per_shard=images_per_shard, seed=seed, shuffle=shuffle, force=force,
                        progress=progress, workers=workers)
 

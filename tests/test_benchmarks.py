@@ -70,3 +70,11 @@ def test_loader_benchmark_reads_every_pair_once_and_measures_both_sizes(tmp_path
     assert res["consume_pairs_per_s"] > 0
     assert 0 < res["rss_1x_gib"] and 0 < res["rss_10x_gib"]
     assert out.count(", 600 pairs;") == 6  # 120 images x 5 captions, each once
+
+
+def test_convert_benchmark_times_both_converters_with_one_and_two_workers_and_same_shards():
+    out = _bench("convert.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["precomp"], ["tsv"])]
+    assert [(r[0], r[1]) for r in rows] == [("precomp", "1"), ("precomp", "2"), ("tsv", "1"), ("tsv", "2")], out
+    assert all(float(r[3]) > 0 for r in rows) and rows[0][4] == "1.00x", out
+    assert "same shards with 1 and 2 workers: True" in out, out
