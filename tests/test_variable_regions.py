@@ -55,18 +55,29 @@ def test_region_drop_never_keeps_padding():
         assert all(tuple(x.tolist()) in real for x in o[:k]) and not o[k:].any()
 
 
-def test_vse_infinity_pools_over_the_real_regions_only_and_other_models_refuse_padding(tmp_path):
+@pytest.mark.parametrize("name", ["vse_infty", "hrem"])
+def test_region_models_pool_over_the_real_regions_only(name):
     from itr.data.text import WordVocab
     from itr.models import build_model
 
     vocab = WordVocab.build(["a dog"])
-    recipe = load_recipe(RECIPE, ["model.embed_dim=8", "model.text.word_dim=4"])
+    recipe = load_recipe(ROOT / "recipes" / "synthetic" / f"{name}.yaml", ["model.embed_dim=16", "model.text.word_dim=4"]
+                         + (["model.nhead=2"] if name == "hrem" else []))
+    torch.manual_seed(0)
     model = build_model(recipe, 5, vocab).eval()
     x = torch.randn(3, 4, 5)
     padded = torch.cat([x, torch.zeros(3, 3, 5)], 1)
     same = model.embed_images({"feats": padded, "feat_lens": torch.tensor([4, 4, 4])})
     torch.testing.assert_close(same, model.embed_images({"feats": x}))
     assert not torch.allclose(same, model.embed_images({"feats": padded}))  # the padding would count
+
+
+def test_models_that_would_count_padding_refuse_variable_regions():
+    from itr.data.text import WordVocab
+    from itr.models import build_model
+
+    vocab = WordVocab.build(["a dog"])
+    padded = torch.cat([torch.randn(3, 4, 5), torch.zeros(3, 3, 5)], 1)
     vsepp = build_model(load_recipe(ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml", []), 5, vocab)
     batch = {"feats": padded, "feat_lens": torch.tensor([4, 4, 4]), "text_ids": torch.ones(3, 2, dtype=torch.long),
              "text_lens": torch.tensor([2, 2, 2]), "img_ids": torch.arange(3)}
