@@ -108,6 +108,11 @@ class TsvRows:
     def __getstate__(self):
         return {**self.__dict__, "_files": {}}
 
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
     def __call__(self, i):
         fi, offset, length, nb, _, lineno = self.rows[i]
         f = self._files.get(fi) or self._files.setdefault(fi, open(self.paths[fi], "rb"))

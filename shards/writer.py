@@ -50,6 +50,20 @@ def write_shard(members, out, split, si, idx, captions, ids, tick=None):
     Runs in a worker process too: ``members`` must then pickle (a closure works with one worker only)."""
     name = shard_name(split, si)
     tmp = Path(out) / f".{name}.tmp{os.getpid()}"
+    try:
+        _write_tar(tmp, members, idx, captions, ids, tick)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        getattr(members, "close", lambda: None)()  # open input files (TSV)
+    entry = {"name": name, "num_images": len(idx), "num_captions": CAPS_PER_IMAGE * len(idx),
+             "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    os.replace(tmp, Path(out) / name)
+    return entry
+
+
+def _write_tar(tmp, members, idx, captions, ids, tick):
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for k, i in enumerate(idx):
             i = int(i)
@@ -62,10 +76,6 @@ def write_shard(members, out, split, si, idx, captions, ids, tick=None):
             _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
             if tick:
                 tick(1)
-    entry = {"name": name, "num_images": len(idx), "num_captions": CAPS_PER_IMAGE * len(idx),
-             "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-    os.replace(tmp, Path(out) / name)
-    return entry
 
 
 def fingerprint(n, captions, ids, info, images_per_shard, seed, shuffle):
@@ -133,6 +143,8 @@ def write_split(out_dir, split, n, members, captions, ids, info, images_per_shar
     if complete is not None:
         return {**complete, "resumed": len(done)}
     mpath.unlink(missing_ok=True)  # from here on the split is incomplete
+    for left in out.glob(f".{split}-*.tar.tmp*"):  # from a killed run
+        left.unlink()
     (out / f".{split}.verified.json").unlink(missing_ok=True)
     kept = len(done)
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)

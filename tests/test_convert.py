@@ -128,12 +128,14 @@ def test_a_rerun_keeps_the_shards_written_and_verified_and_rewrites_the_rest(tmp
     with pytest.raises(KeyboardInterrupt):
         write_split(*args, dying, caps, None, info, images_per_shard=3, shuffle=False, progress=False)
     assert not (tmp_path / "train.manifest.json").exists() and partial_path(tmp_path, "train").is_file()
+    assert sorted(p.name for p in tmp_path.glob("*.tar*")) == ["train-000000.tar", "train-000001.tar"]
+    (tmp_path / ".train-000002.tar.tmp99999").write_bytes(b"left by a killed run")
     first = {n: os.stat(tmp_path / n).st_mtime_ns for n in ("train-000000.tar", "train-000001.tar")}
     again = _Dies()
     m = write_split(*args, again, caps, None, info, images_per_shard=3, shuffle=False, progress=False)
     assert m["resumed"] == 2 and again.made == [6, 7, 8, 9]  # shards 0 and 1 kept, not rebuilt
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in first} == first
-    assert not partial_path(tmp_path, "train").exists()
+    assert not partial_path(tmp_path, "train").exists() and not list(tmp_path.glob(".*.tmp*"))
     # a damaged shard of a complete split is found on the rerun and only it is rewritten
     (tmp_path / "train-000001.tar").write_bytes(b"\0" * 1024)
     third = _Dies()
