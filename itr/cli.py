@@ -159,7 +159,8 @@ def _shard_order_args(sp, order):
     sp.add_argument("--images-per-shard", type=int, default=1000)
     sp.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
     sp.add_argument("--no-shuffle", action="store_true", help=f"keep the {order} image order")
-    sp.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+    sp.add_argument("--force", action="store_true", help="rebuild a split made from other input or options (a rerun "
+                                                         "of the same keeps its verified shards)")
 
 
 def _add_shard(sub):

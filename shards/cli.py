@@ -8,7 +8,8 @@ def common_args(sp, order="source"):
     sp.add_argument("--images-per-shard", type=int, default=1000)
     sp.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
     sp.add_argument("--no-shuffle", action="store_true", help=f"keep the {order} image order")
-    sp.add_argument("--force", action="store_true", help="rebuild a split made from other input or options")
+    sp.add_argument("--force", action="store_true", help="rebuild a split made from other input or options (a rerun "
+                                                         "of the same keeps its verified shards)")
     sp.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
 
 

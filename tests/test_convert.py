@@ -157,3 +157,20 @@ def test_two_workers_write_the_same_shards_as_one(tmp_path):
     for split in ("train", "test"):
         one, two = (load_manifest(tmp_path / f"w{w}", split) for w in (1, 2))
         assert len(one["shards"]) > 2 and one["shards"] == two["shards"]  # names, sizes, sha256 all equal
+
+
+def test_the_commands_convert_every_split_and_a_rerun_keeps_the_shards(tmp_path, capsys):
+    from itr.cli import main
+
+    precomp_dir(tmp_path / "src", {"train": 5, "test": 2})
+    args = ["shard", "precomp", str(tmp_path / "src"), "all", str(tmp_path / "out"), "--images-per-shard", "2"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "wrote 1 shard(s): 2 images, 10 captions" in first and "wrote 3 shard(s): 5 images" in first
+    assert main(args) == 0 and "wrote 3 shard(s), 3 kept from an earlier run" in capsys.readouterr().out
+    karpathy_json(tmp_path / "k.json", 3)
+    tsv_rows(tmp_path / "a.tsv", [1000, 1001, 1002], [2, 4, 3])
+    assert main(["shard", "tsv", str(tmp_path / "a.tsv"), str(tmp_path / "k.json"), "test", str(tmp_path / "t")]) == 0
+    assert "3 images, 15 captions, features [4, 8] (regions 2..4) float16" in capsys.readouterr().out
+    assert main(["shard", "tsv", str(tmp_path / "k.json"), "test", str(tmp_path / "t")]) == 2
+    assert "usage: itr shard tsv TSV_FILE" in capsys.readouterr().err
