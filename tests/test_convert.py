@@ -174,3 +174,33 @@ def test_the_commands_convert_every_split_and_a_rerun_keeps_the_shards(tmp_path,
     assert "3 images, 15 captions, features [4, 8] (regions 2..4) float16" in capsys.readouterr().out
     assert main(["shard", "tsv", str(tmp_path / "k.json"), "test", str(tmp_path / "t")]) == 2
     assert "usage: itr shard tsv TSV_FILE" in capsys.readouterr().err
+
+
+def test_teran_reads_the_sizes_from_the_image_headers(tmp_path):
+    from PIL import Image
+
+    karpathy_json(tmp_path / "k.json", 2)
+    feats = teran_features(tmp_path / "f", [0, 1])
+    for i, size in enumerate([(320, 200), (150, 90)]):
+        Image.new("RGB", size).save(tmp_path / f"{1000 + i}.jpg")
+    shard_teran(tmp_path / "f", tmp_path / "k.json", "test", tmp_path / "out", image_dir=tmp_path, progress=False)
+    back = read_shard_split(tmp_path / "out", "test")
+    np.testing.assert_allclose(back.boxes[1], feats["1"][1] / np.array([150, 90, 150, 90]), rtol=1e-6)
+
+
+def test_converters_hold_a_shard_not_the_file_in_memory(tmp_path):
+    import tracemalloc
+
+    precomp_dir(tmp_path / "src", {"train": 400}, regions=36, dim=512)  # 30 MB of features
+    karpathy_json(tmp_path / "k.json", 400)
+    tsv_rows(tmp_path / "a.tsv", range(1000, 1400), [36] * 400, dim=512)  # 39 MB of base64
+    for name, run in [("precomp", lambda: shard_precomp(tmp_path / "src", "train", tmp_path / "p",
+                                                        images_per_shard=10, progress=False)),
+                      ("tsv", lambda: shard_tsv([tmp_path / "a.tsv"], tmp_path / "k.json", "test", tmp_path / "t",
+                                                images_per_shard=10, progress=False))]:
+        tracemalloc.start()
+        run()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # sha256's 4 MiB read buffer and a few images' arrays, not the 30-39 MB of the file
+        assert peak < 8 * 2**20, f"{name}: peak {peak / 2**20:.1f} MiB"
