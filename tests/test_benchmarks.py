@@ -86,3 +86,11 @@ def test_install_size_measures_what_mlflow_skinny_leaves_out():
     out = _bench("install_size.py", "--tiny")
     saved = float(out.split("saved ")[1].split()[0])
     assert saved > 100 and "only in the full install" in out, out
+
+
+def test_convert_benchmark_times_both_converters_with_one_and_two_workers_and_same_shards():
+    out = _bench("convert.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["precomp"], ["tsv"])]
+    assert [(r[0], r[1]) for r in rows] == [("precomp", "1"), ("precomp", "2"), ("tsv", "1"), ("tsv", "2")], out
+    assert all(float(r[3]) > 0 for r in rows) and rows[0][4] == "1.00x", out
+    assert "same shards with 1 and 2 workers: True" in out, out
