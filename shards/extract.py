@@ -180,7 +180,7 @@ def _flush(bb, mode, tar, batch):
     return list(feats.shape[1:]), list(pixels.shape[-2:])
 
 
-def _write_shard(bb, mode, out, job, shard, key, batch_size, bar):
+def _write_shard(bb, mode, out, job, shard, key, batch_size, bar, rank=0):
     tmp = out / f".tmp-{shard.name}-{os.getpid()}"
     n, shape, size = 0, None, None
     try:
@@ -200,7 +200,7 @@ def _write_shard(bb, mode, out, job, shard, key, batch_size, bar):
             raise DataError(f"{shard.name} of split {job.split}: read {n} images, its input lists {shard.num_images}")
         rec = {"name": shard.name, "num_images": n, "num_captions": CAPS_PER_IMAGE * n, "bytes": tmp.stat().st_size,
                "sha256": mf.sha256_file(tmp), "key": key, "source": shard.source, "feature_shape": shape,
-               "image_size": size}
+               "image_size": size, "rank": rank}
         os.replace(tmp, out / shard.name)
     finally:
         tmp.unlink(missing_ok=True)
@@ -292,7 +292,7 @@ def extract(backbone_dir, source, out_dir, mode="grid", image_size=None, split=N
                        enabled=progress)
     try:
         for j, s in todo:
-            _write_shard(bb, mode, out, j, s, keys[j.split], batch_size, bar)
+            _write_shard(bb, mode, out, j, s, keys[j.split], batch_size, bar, rank)
     finally:
         bar.close()
     _barrier(world)
