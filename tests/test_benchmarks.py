@@ -57,3 +57,10 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert in_i2t == sorted(in_i2t) and in_i2t[-1] == 100.0, out  # K = every caption: every ground truth is in
     full = float(out.split("full SCAN: rsum ")[1].split(",")[0])
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
+
+
+def test_extract_benchmark_gives_the_naive_loops_features(tmp_path):
+    out = _bench("extract.py", "--tiny", "--work", tmp_path, "--batch-sizes", 1, 8)
+    assert "same features as the naive loop: True" in out and "speedup (best itr / naive):" in out, out
+    rows = [line for line in out.splitlines() if line.startswith(("naive per-image loop", "itr extract, batch"))]
+    assert len(rows) == 3, out

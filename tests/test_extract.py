@@ -156,6 +156,22 @@ def test_clip_vision_tower_and_image_size(f8k, tmp_path):
     assert m["source"]["backbone"]["class"].startswith("CLIPVision")  # the image tower, not the dual encoder
 
 
+def test_convnext_with_its_processor_pooled_equals_a_direct_forward_pass(f8k, tmp_path):
+    from transformers import AutoImageProcessor, ConvNextConfig, ConvNextImageProcessor, ConvNextModel
+
+    _, images = f8k
+    torch.manual_seed(0)
+    ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)).save_pretrained(tmp_path / "cnx")
+    ConvNextImageProcessor(size={"shortest_edge": 64}).save_pretrained(tmp_path / "cnx")  # resize 73, crop 64
+    m = extract(tmp_path / "cnx", images, tmp_path / "out", mode="pooled", split="test", progress=False)["test"]
+    assert m["feature_shape"] == [1, 16] and m["source"]["image_size"] == [64, 64]
+    name, (feat, _, _) = sorted(samples(tmp_path / "out", "test").items())[0]
+    proc = AutoImageProcessor.from_pretrained(tmp_path / "cnx", local_files_only=True)
+    with torch.no_grad():
+        ref = ConvNextModel.from_pretrained(tmp_path / "cnx").eval()(**proc(images=[rgb(name)], return_tensors="pt"))
+    np.testing.assert_allclose(feat[0].astype(np.float32), ref.pooler_output[0].numpy(), rtol=2e-3, atol=2e-3)
+
+
 def test_rerun_skips_verified_shards_and_redoes_a_damaged_one(f8k, vit, tmp_path, capsys):
     _, images = f8k
     out = tmp_path / "out"
