@@ -18,12 +18,14 @@ short side to ``S * 256 / 224``, center crop ``S``) with the ImageNet mean and s
 """
 import hashlib
 import inspect
+import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from itr.data.precomp import DataError
 
@@ -90,8 +92,55 @@ def grid_boxes(gh, gw):
     return np.stack([c / gw, r / gh, (c + 1) / gw, (r + 1) / gh], -1).reshape(-1, 4).astype(np.float32)
 
 
+class Preprocess:
+    """PIL images -> a float (B, 3, H, W) CPU tensor, as the backbone wants them (picklable: runs in workers)."""
+
+    def __init__(self, path, image_size=None, native=None):
+        self.proc = _processor(path)
+        self.overrides = _size_overrides(self.proc, image_size) if self.proc is not None and image_size else {}
+        self.size = image_size or native or 224
+
+    def __call__(self, images):
+        if self.proc is not None:
+            return self.proc(images=images, return_tensors="pt", **self.overrides)["pixel_values"].float()
+        from itr.data.images import eval_transform, normalize
+
+        return normalize(torch.from_numpy(np.stack([eval_transform(im, self.size) for im in images])))
+
+
+def decode(data, where):
+    """An RGB PIL image from encoded bytes; an error naming ``where`` if they are not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise DataError(f"{where} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+class PreparedImages(IterableDataset):
+    """(key, json, where, pixels) of ``samples()`` in order; in DataLoader workers, sample ``k`` is prepared by
+    worker ``k % n`` (a DataLoader yields its workers' items round robin, so the order stays the input's). A bad
+    image ends the stream with (None, message, where, None): the main process raises it without a worker's
+    traceback."""
+
+    def __init__(self, samples, pre):
+        self.samples, self.pre = samples, pre
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            for k, (key, meta, data, where) in enumerate(self.samples()):
+                if k % nw == wid:
+                    yield key, meta, where, self.pre([decode(data, where)])[0]
+        except DataError as e:
+            yield None, str(e), None, None
+
+
 class Backbone:
-    """``prepare`` (PIL images -> pixel tensor) and ``features`` (pixels -> grid, boxes, pooled) of one model."""
+    """``pre`` (PIL images -> pixels) and ``features`` (pixels -> grid, boxes, pooled) of one model."""
 
     def __init__(self, path, image_size=None, device="cpu"):
         self.path = Path(path)
@@ -99,23 +148,13 @@ class Backbone:
         self.vision_config = getattr(self.model, "config", self.config)
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.proc = _processor(self.path)
         native = getattr(self.vision_config, "image_size", None)
         self.native = native if isinstance(native, int) else None
-        self.image_size = image_size
-        self._overrides = _size_overrides(self.proc, image_size) if self.proc is not None and image_size else {}
-        if self.proc is None:
-            self.image_size = image_size or self.native or 224
+        self.pre = Preprocess(self.path, image_size, self.native)
 
     def prepare(self, images):
         """A list of RGB PIL images -> float (B, 3, H, W) on the model's device."""
-        if self.proc is not None:
-            out = self.proc(images=images, return_tensors="pt", **self._overrides)["pixel_values"]
-            return out.to(self.device, torch.float32)
-        from itr.data.images import eval_transform, normalize
-
-        pixels = torch.from_numpy(np.stack([eval_transform(im, self.image_size) for im in images]))
-        return normalize(pixels.to(self.device))
+        return self.pre(images).to(self.device)
 
     @torch.no_grad()
     def features(self, pixels):
@@ -160,4 +199,4 @@ class Backbone:
         return {"dir": str(self.path.resolve()), "model_type": self.config.model_type,
                 "class": type(self.model).__name__, "digest": h.hexdigest()[:16],
                 "processor": json.loads((self.path / "preprocessor_config.json").read_text())
-                if self.proc is not None else "itr eval_transform, ImageNet mean/std"}
+                if self.pre.proc is not None else "itr eval_transform, ImageNet mean/std"}

@@ -16,7 +16,6 @@ written; a rerun skips a shard whose record matches and whose file still has the
 each split's manifest last, from the records.
 """
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -152,26 +151,31 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def _decode(data, where):
-    from PIL import Image
+def _prepared(shard, pre, workers):
+    """(key, json, where, pixels) of a shard's samples in order, or (None, message, ...) at a bad one."""
+    from itr.shards.backbone import PreparedImages
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise DataError(f"{where} is not a readable image ({type(e).__name__}: {e})") from None
+    ds = PreparedImages(shard.samples, pre)
+    if not workers:
+        return iter(ds)
+    from torch.utils.data import DataLoader
+
+    # fork: the samples are closures over the plan (nothing to pickle); workers never touch a GPU
+    return iter(DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4, multiprocessing_context="fork"))
 
 
 def _flush(bb, mode, tar, batch):
-    """Features of one batch into the tar; returns (feature shape, image size)."""
-    pixels = bb.prepare([_decode(data, where) for _, _, data, where in batch])
+    """Features of one batch of prepared samples into the tar; returns (feature shape, image size)."""
+    import torch
+
+    pixels = torch.stack([px for _, _, _, px in batch]).to(bb.device)
     grid, boxes, pooled = bb.features(pixels)
     if mode == "pooled":
         feats, boxes = pooled[:, None], np.array([[0, 0, 1, 1]], np.float32)
     else:
         feats = grid
     feats = feats.cpu().numpy().astype(np.float16)
-    for (key, meta, _, where), f in zip(batch, feats):
+    for (key, meta, where, _), f in zip(batch, feats):
         if not np.isfinite(f).all():
             raise DataError(f"{where}: {bb.path} gives features beyond float16's range (|x| > 65504) or NaN")
         _add(tar, f"{key}.feat.npy", npy_bytes(f))
@@ -180,13 +184,15 @@ def _flush(bb, mode, tar, batch):
     return list(feats.shape[1:]), list(pixels.shape[-2:])
 
 
-def _write_shard(bb, mode, out, job, shard, key, batch_size, bar, rank=0):
+def _write_shard(bb, mode, out, job, shard, key, batch_size, bar, rank=0, workers=0):
     tmp = out / f".tmp-{shard.name}-{os.getpid()}"
     n, shape, size = 0, None, None
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             batch = []
-            for item in shard.samples():
+            for item in _prepared(shard, bb.pre, workers):
+                if item[0] is None:
+                    raise DataError(item[1])
                 batch.append(item)
                 if len(batch) == batch_size:
                     shape, size = _flush(bb, mode, tar, batch)
@@ -257,11 +263,13 @@ def _check_existing(out, job, key, force):
 
 def _clear(out, job):
     mf.manifest_path(out, job.split).unlink(missing_ok=True)
+    for old in Path(out).glob(f"{job.split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        old.unlink()
     shutil.rmtree(Path(out) / f".extract-{job.split}", ignore_errors=True)
 
 
 def extract(backbone_dir, source, out_dir, mode="grid", image_size=None, split=None, captions=None, batch_size=32,
-            images_per_shard=1000, seed=0, shuffle=True, force=False, progress=True):
+            images_per_shard=1000, seed=0, shuffle=True, force=False, progress=True, workers=0):
     """Feature shards of every split of ``source`` in ``out_dir``; on rank 0 returns {split: manifest}."""
     from itr.distributed import init_job
     from itr.progress import bar as progress_bar
@@ -292,7 +300,7 @@ def extract(backbone_dir, source, out_dir, mode="grid", image_size=None, split=N
                        enabled=progress)
     try:
         for j, s in todo:
-            _write_shard(bb, mode, out, j, s, keys[j.split], batch_size, bar, rank)
+            _write_shard(bb, mode, out, j, s, keys[j.split], batch_size, bar, rank, workers)
     finally:
         bar.close()
     _barrier(world)
@@ -322,6 +330,8 @@ def add_parser(sub):
     e.add_argument("--split", help="the split to extract (default: every split of a shard directory)")
     e.add_argument("--captions", help="a folder of images: Karpathy or COCO captions JSON, as `itr shard images`")
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--workers", type=int, default=0, help="processes decoding and preparing images per rank (a GPU "
+                                                           "wants several; 0: in the main process)")
     e.add_argument("--images-per-shard", type=int, default=1000, help="a folder of images: images per shard")
     e.add_argument("--seed", type=int, default=0, help="a folder of images: seed of the image order")
     e.add_argument("--no-shuffle", action="store_true", help="a folder of images: keep the file's image order")
@@ -335,7 +345,7 @@ def run_cli(a):
 
     ms = extract(a.backbone_dir, a.source, a.out_dir, mode=a.mode, image_size=a.image_size, split=a.split,
                  captions=a.captions, batch_size=a.batch_size, images_per_shard=a.images_per_shard, seed=a.seed,
-                 shuffle=not a.no_shuffle, force=a.force)
+                 shuffle=not a.no_shuffle, force=a.force, workers=a.workers)
     for split, m in ms.items():
         print(f"{split}: {len(m['shards'])} shard(s), {m['num_images']} images, features {m['feature_shape']} "
               f"{m['dtype']} with boxes -> {a.out_dir}/{split}.manifest.json")

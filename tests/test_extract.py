@@ -277,6 +277,35 @@ def test_region_models_take_a_step_on_extracted_features(name, vit_grid, tiny_be
     assert first.grad is not None and first.grad.abs().sum() > 0  # the features reached the image side
 
 
+def _members(root, split):
+    import tarfile
+
+    names = []
+    for path in shard_paths(load_manifest(root, split)):
+        with tarfile.open(path) as tar:
+            names.append([m.name for m in tar])
+    return names
+
+
+def test_workers_prepare_the_images_in_order_and_name_a_bad_one(f8k, vit, vit_grid, tmp_path):
+    captions, images = f8k
+    m = extract(vit, images, tmp_path / "w", split="train", workers=2, batch_size=7, progress=False)["train"]
+    assert _members(tmp_path / "w", "train") == _members(vit_grid, "train")  # the same samples in the same order
+    got, ref = samples(tmp_path / "w", "train"), samples(vit_grid, "train")
+    for k in ref:
+        np.testing.assert_allclose(got[k][0].astype(np.float32), ref[k][0].astype(np.float32), rtol=1e-3, atol=1e-3)
+    assert m["num_images"] == 60
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in F8K_IMAGES.glob("*.jpg"):
+        os.symlink(f, bad / f.name)
+    victim = sorted(bad.glob("*.jpg"))[7]
+    victim.unlink()
+    victim.write_bytes(b"GIF89a truncated")
+    with pytest.raises(DataError, match=f"^image {victim} is not a readable image"):
+        extract(vit, bad, tmp_path / "o", captions=captions, split="train+dev+test", workers=2, progress=False)
+
+
 def _digests(root):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).glob("*-*.tar"))}
 
