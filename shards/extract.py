@@ -269,7 +269,7 @@ def _clear(out, job):
 
 
 def extract(backbone_dir, source, out_dir, mode="grid", image_size=None, split=None, captions=None, batch_size=32,
-            images_per_shard=1000, seed=0, shuffle=True, force=False, progress=True, workers=0):
+            images_per_shard=1000, seed=0, shuffle=True, force=False, progress=True, workers=0, device=None):
     """Feature shards of every split of ``source`` in ``out_dir``; on rank 0 returns {split: manifest}."""
     from itr.distributed import init_job
     from itr.progress import bar as progress_bar
@@ -280,8 +280,8 @@ def extract(backbone_dir, source, out_dir, mode="grid", image_size=None, split=N
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     jobs = plan(source, split, captions, images_per_shard, seed, shuffle)  # bad input fails before the model loads
-    rank, world, device = init_job()
-    bb = Backbone(backbone_dir, image_size, device)
+    rank, world, default_device = init_job()
+    bb = Backbone(backbone_dir, image_size, device or default_device)
     backbone = bb.identity()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
