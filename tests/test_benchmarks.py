@@ -60,7 +60,7 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
 
 
 def test_extract_benchmark_gives_the_naive_loops_features(tmp_path):
-    out = _bench("extract.py", "--tiny", "--work", tmp_path, "--batch-sizes", 1, 8)
+    out = _bench("extract.py", "--tiny", "--work", tmp_path, "--batch-sizes", 1, 8, "--rounds", 1)
     assert "same features as the naive loop: True" in out and "speedup (best itr / naive):" in out, out
     rows = [line for line in out.splitlines() if line.startswith(("naive per-image loop", "itr extract, batch"))]
     assert len(rows) == 3, out
