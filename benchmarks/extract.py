@@ -6,10 +6,10 @@
 The backbone is a ViT-S/16 (Touvron et al.'s DeiT-S sizes: 384-d, 12 layers, 6 heads, 224 x 224, 196 patches)
 with random weights (no download; the speed is the same as trained weights'), saved with its image processor.
 The images are the 100 real Flickr8k JPEGs of ../shared/data/f8k_images (random-noise JPEGs where that is
-absent), in `itr shard images` shards. The baseline is the loop a feature-extraction script usually is: per
-image, decode, the processor, a batch-1 forward pass, one .npy written. itr is `itr extract --grid` in this
-process at each batch size, and with ``--ranks N`` under `accelerate launch` (start-up included: the whole
-command). Every path's grid features must agree with the baseline's (float16 tolerance); prints images/s and
+absent), in `itr shard images` shards. The baseline is the loop a feature-extraction script usually is: load
+the model, then per image decode, the processor, a batch-1 forward pass, one .npy written. itr is `itr extract --grid` in this
+process at each batch size (its model load, the digest of its weights for resuming, writing and verifying
+the shards included), and with ``--ranks N`` under `accelerate launch` (start-up included: the whole command). Every path's grid features must agree with the baseline's (float16 tolerance); prints images/s and
 the ratio to the baseline (median of the rounds, which alternate the paths).
 """
 import argparse
@@ -79,10 +79,10 @@ def naive(model_dir, jpegs):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
 
+    t = time.perf_counter()  # from the model directory, as itr's time is
     proc = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     out = {}
-    t = time.perf_counter()
     with torch.no_grad():
         for name, data in jpegs:
             img = Image.open(io.BytesIO(data)).convert("RGB")

@@ -48,16 +48,27 @@ class SplitJob:
     input: dict = field(default_factory=dict)
 
 
-def _shard_samples(path):
+def _shard_samples(path, sha256=None):
+    """The samples of an image shard, checked first against its manifest's checksum (``sha256``)."""
     def samples():
         import webdataset as wds
 
-        for s in wds.tarfile_samples([{"url": str(path)}]):
-            data = s.get("jpg") or s.get("png")
-            where = f"shard {path}: sample {s['__key__']}"
-            if data is None or "json" not in s:
-                raise DataError(f"{where} has no jpg/png image or no json (not an `itr shard images` shard?)")
-            yield s["__key__"], s["json"], data, where
+        if sha256 is not None:
+            if not Path(path).is_file():
+                raise DataError(f"shard {path} is missing (listed in its manifest)")
+            if mf.sha256_file(path) != sha256:
+                raise DataError(f"shard {path} is corrupt or truncated: its sha256 is not its manifest's")
+        try:
+            for s in wds.tarfile_samples([{"url": str(path)}]):
+                data = s.get("jpg") or s.get("png")
+                where = f"shard {path}: sample {s['__key__']}"
+                if data is None or "json" not in s:
+                    raise DataError(f"{where} has no jpg/png image or no json (not an `itr shard images` shard?)")
+                yield s["__key__"], s["json"], data, where
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"shard {path} is unreadable ({type(e).__name__}: {e})") from None
 
     return samples
 
@@ -76,7 +87,7 @@ def plan_shards(root, split=None):
             raise DataError(f"{m['path']}: holds {m.get('kind', 'features')}, not images (`itr shard images` "
                             f"writes image shards)")
         caps = root / m.get("captions_file", mf.captions_path("", name).name)
-        shards = [ShardJob(s["name"], s["num_images"], s["sha256"], _shard_samples(root / s["name"]))
+        shards = [ShardJob(s["name"], s["num_images"], s["sha256"], _shard_samples(root / s["name"], s["sha256"]))
                   for s in m["shards"]]
         jobs.append(SplitJob(name, shards, lambda p=caps: p.read_text(encoding="utf-8").splitlines(),
                              m.get("order", {}), {"layout": "image-shards", "manifest": m["path"],
@@ -115,8 +126,9 @@ def plan_folder(image_dir, captions_json, split, images_per_shard=1000, seed=0, 
     digest = mf.sha256_file(captions_json)
     return SplitJob(split, shards, lambda: [c for _, caps, _ in entries for c in caps],
                     {"shuffled": bool(shuffle), "seed": seed},
-                    {"layout": "image-folder", "images": str(root.resolve()), "captions": str(Path(captions_json).resolve()),
-                     "captions_sha256": digest, "images_per_shard": images_per_shard})
+                    {"layout": "image-folder", "images": str(root.resolve()),
+                     "captions": str(Path(captions_json).resolve()), "captions_sha256": digest,
+                     "images_per_shard": images_per_shard})
 
 
 def plan(source, split=None, captions=None, images_per_shard=1000, seed=0, shuffle=True):

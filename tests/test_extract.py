@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,11 @@ def test_bad_input_is_named(f8k, vit, tmp_path, tiny_bert):
     extract(vit, images, feats, split="test", progress=False)
     with pytest.raises(DataError, match="holds features, not images"):
         extract(vit, feats, tmp_path / "o", progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(images, broken)
+    (broken / "test-000000.tar").write_bytes((broken / "test-000000.tar").read_bytes()[:5000])
+    with pytest.raises(DataError, match="test-000000.tar is corrupt or truncated"):
+        extract(vit, broken, tmp_path / "o3", split="test", progress=False)
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in F8K_IMAGES.glob("*.jpg"):
