@@ -24,7 +24,9 @@ from itr.schema import flatten, resolve_path  # noqa: F401  (re-exported)
 @dataclass
 class DataConfig:
     name: str = param("", "dataset name for MLflow tags and run names (default: the data.root folder name)")
-    root: str = param("", "precomp directory ({split}_ims.npy, {split}_caps.txt) or a shard directory ({split}.manifest.json)")
+    root: str = param("", "precomp directory ({split}_ims.npy, {split}_caps.txt), a shard directory "
+                          "({split}.manifest.json), or remote shards: an http(s):// base URL or a template with "
+                          "{name} (pipe:CMD {name}), streamed as WebDataset reads them")
     train_split: str = param("train", "split used for training")
     dev_split: str = param("dev", "split evaluated after each epoch; picks the best checkpoint")
     test_split: str = param("test", "split evaluated at the end of training")

@@ -64,3 +64,16 @@ def test_extract_benchmark_gives_the_naive_loops_features(tmp_path):
     assert "same features as the naive loop: True" in out and "speedup (best itr / naive):" in out, out
     rows = [line for line in out.splitlines() if line.startswith(("naive per-image loop", "itr extract, batch"))]
     assert len(rows) == 3, out
+
+
+@pytest.mark.slow
+def test_loader_benchmark_reads_every_pair_once_and_measures_both_sizes(tmp_path):
+    import json
+
+    out = _bench("loader.py", "--tiny", "--json", tmp_path / "loader.json", timeout=600)
+    res = json.loads((tmp_path / "loader.json").read_text())
+    assert "keeps up with" in out and "peak RSS grows" in out, out
+    assert all(res[f"loader_{t}_{w}_pairs_per_s"] > 0 for t in ("bert", "words") for w in (0, 1, 2))
+    assert res["consume_pairs_per_s"] > 0
+    assert 0 < res["rss_1x_gib"] and 0 < res["rss_10x_gib"]
+    assert out.count(", 600 pairs;") == 6  # 120 images x 5 captions, each once

@@ -98,6 +98,11 @@ class PairStream(IterableDataset):
 
     def _sample(self, sample, path, aug):
         """(features, meta) of one image, or None when none of its pairs is this rank's (before decoding)."""
+        need = ("json",) if self.key == "pixels" else ("json", "feat.npy")
+        lacks = [k for k in need if k not in sample]
+        if lacks:
+            raise DataError(f"shard {path}: sample {sample.get('__key__')} lacks {', '.join(lacks)}: the shard is "
+                            f"truncated or was not written by `itr shard`; rebuild it (or data.on_error=skip)")
         meta = json.loads(sample["json"])
         if self.keep is not None:
             pairs = [(c, t) for c, t in zip(meta["caption_indices"], meta["captions"]) if self.keep[c]]
@@ -164,9 +169,16 @@ def collate_tokens(token_lists, pad_id):
     return ids, lens
 
 
+def _as_is(chunk):
+    """The DataLoader's collate: chunks are already tensors (its default walks every token list, ~10% of a step)."""
+    return chunk
+
+
 def _merge(chunks, pad_id):
     ids, lens = collate_tokens([t for c in chunks for t in c["tokens"]], pad_id)
-    out = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0] if key != "tokens"}
+    # numpy's concatenate: torch.cat of float16 CPU tensors was ~100x slower (150 ms per 128 x 36 x 2048 batch)
+    out = {key: torch.from_numpy(np.concatenate([c[key].numpy() for c in chunks])) for key in chunks[0]
+           if key != "tokens"}
     out.update(text_ids=ids, text_lens=lens)
     return out
 
@@ -245,7 +257,7 @@ class TrainLoader:
             # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which a
             # resumed run has just restored to mid-epoch: the draw would shift every later random op (exact resume).
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
-            return iter(DataLoader(ds, batch_size=None, num_workers=workers, generator=gen,
+            return iter(DataLoader(ds, batch_size=None, num_workers=workers, generator=gen, collate_fn=_as_is,
                                    prefetch_factor=4 if workers else None, persistent_workers=False))
 
         return _batches(stream(), self.rank_batch, n, skip, self.tokenizer.pad_id, self.skipped,

@@ -103,6 +103,11 @@ def count_samples(path):
 
 
 def shard_paths(m):
+    """Where each shard is read from: beside the manifest, or at the remote root it was fetched from."""
+    if m.get("remote"):
+        from itr.data.remote import url_of
+
+        return [url_of(m["remote"], s["name"]) for s in m["shards"]]
     return [str(Path(m["root"]) / s["name"]) for s in m["shards"]]
 
 
@@ -129,9 +134,13 @@ def verify_shards(m, mode="checksum", progress=False, on_bad=None):
         from itr.progress import bar
 
         it = bar(shards, desc=f"verify {m['split']} shards", unit="shard")
-    for s in it:
+    if m.get("remote"):
+        from itr.data.remote import verify_remote as check
+    else:
+        check = _verify_one
+    for s, where in zip(it, shard_paths(m)):
         try:
-            changed |= _verify_one(root / s["name"], s, m, mode, cache)
+            changed |= check(where, s, m, mode, cache)
         except DataError as e:
             if on_bad is None:
                 raise
@@ -147,6 +156,7 @@ def verify_shards(m, mode="checksum", progress=False, on_bad=None):
 
 def _verify_one(p, s, m, mode, cache):
     """One shard against its manifest entry; True when it was hashed now (the cache changed)."""
+    p = Path(p)
     if not p.is_file():
         raise DataError(f"shard {p} is missing (listed in {m['path']})")
     st = p.stat()

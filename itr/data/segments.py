@@ -21,12 +21,12 @@ every shard (and skips other ranks' pairs before decoding).
 """
 import json
 import random
-import tarfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from itr.data.manifest import shard_paths
+from itr.data.remote import open_tar
 from itr.data.plan import batches_per_epoch, chunk_size, plan_epoch, shuffled
 
 
@@ -75,7 +75,7 @@ def shard_index(manifest):
     out = []
     for path in shard_paths(manifest):
         images = []
-        with tarfile.open(path) as tar:
+        with open_tar(path) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     meta = json.load(tar.extractfile(member))
