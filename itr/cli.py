@@ -137,6 +137,9 @@ def parser():
     from itr.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub).set_defaults(fn=_submit)
+    from itr.shards.extract import add_parser as add_extract_parser, run_cli as extract_cli
+
+    add_extract_parser(sub).set_defaults(fn=extract_cli)
     c = sub.add_parser("config", help="print every recipe key with its value and meaning")
     c.add_argument("recipe", nargs="?")
     c.add_argument("overrides", nargs="*")

@@ -59,6 +59,13 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
 
 
+def test_extract_benchmark_gives_the_naive_loops_features(tmp_path):
+    out = _bench("extract.py", "--tiny", "--work", tmp_path, "--batch-sizes", 1, 8, "--rounds", 1)
+    assert "same features as the naive loop: True" in out and "speedup (best itr / naive):" in out, out
+    rows = [line for line in out.splitlines() if line.startswith(("naive per-image loop", "itr extract, batch"))]
+    assert len(rows) == 3, out
+
+
 @pytest.mark.slow
 def test_loader_benchmark_reads_every_pair_once_and_measures_both_sizes(tmp_path):
     import json
