@@ -96,20 +96,28 @@ def consumption_rate(z, recipe, tok):
     return train_steps(recipe, tok, batches, z["dim"], "cpu", "no", timed=z["steps"])["samples_per_s"]
 
 
+HWM = ("import atexit, sys\n"
+       "def hwm():\n"
+       "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+       "    print(f'[peak-rss-kb] {kb}', file=sys.stderr, flush=True)\n"
+       "atexit.register(hwm)\n"
+       "from itr.cli import main\n"
+       "sys.exit(main(sys.argv[1:]))\n")
+
+
 def peak_rss_of_training(data, out, z, steps):
-    """ru_maxrss (GiB) of one `itr train` process on ``data`` (vse_infty, GRU text, no workers)."""
+    """Peak RSS (GiB) of one `itr train` process on ``data`` (vse_infty, GRU text, no workers): its own VmHWM,
+    read at exit. Not the parent's ru_maxrss of the child: Linux carries the forking parent's RSS into it."""
     over = {"data.root": data, "data.num_workers": 0, "data.shuffle_buffer": 2000, "data.verify": "size",
             "train.batch_size": z["batch"], "train.max_steps": steps, "train.epochs": 100, "train.log_every": 1000,
             "tracking.enabled": "false", "model.embed_dim": 256, "eval.batch_size": 128}
-    cmd = [sys.executable, "-m", "itr", "train", str(ROOT / "recipes" / "synthetic" / "vse_infty.yaml"),
+    cmd = [sys.executable, "-c", HWM, "train", str(ROOT / "recipes" / "synthetic" / "vse_infty.yaml"),
            *[f"{k}={v}" for k, v in over.items()], "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"training on {data} failed:\n{err[-3000:]}")
-    return usage.ru_maxrss / 2 ** 20
+    p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0 or "[peak-rss-kb]" not in p.stderr:
+        raise SystemExit(f"training on {data} failed:\n{p.stderr[-3000:]}")
+    return int(p.stderr.rsplit("[peak-rss-kb] ", 1)[1].split()[0]) / 2 ** 20
 
 
 def rss_section(z, work, m):
@@ -135,43 +143,49 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="toy sizes (seconds): a smoke test of the script")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--no-rss", action="store_true", help="skip the memory section (two training runs)")
+    ap.add_argument("--no-throughput", action="store_true", help="only the memory section")
     a = ap.parse_args()
     z = SIZES["tiny" if a.tiny else "full"]
     n, m = a.images or z["images"], a.rss_images or z["rss_images"]
-    mb = z["regions"] * z["dim"] * 2 / 2 ** 20  # MB of one image's features
-    out = {"images": n, "sample_mb": mb}
+    out = {"images": n, "sample_mb": z["regions"] * z["dim"] * 2 / 2 ** 20}  # MB of one image's features
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        make_precomp(work / "src", "train", n, z)
-        shard(work / "src", work / "shards", "train")
-        print(f"throughput: {n} images of {z['regions']} x {z['dim']} float16 ({mb:.3f} MB each), batch {z['batch']}")
-        ips = mmap_rate(work / "src" / "train_ims.npy")
-        out["mmap_images_per_s"] = ips
-        print(f"  np.load(mmap) shuffled reads: {ips:9.0f} images/s  {ips * mb:7.0f} MB/s  (= {5 * ips:.0f} pairs/s)")
-        from itr.data.text import SPECIALS, WordVocab
-
-        recipe, bert_tok = vse_infty(z, work)
-        toks = {"bert": (bert_tok, "BERT WordPiece, VSE-infinity's"), "words": (WordVocab(SPECIALS + WORDS),
-                                                                              "NLTK words, the GRU recipes'")}
-        for name, (tok, what) in toks.items():
-            print(f"  tokenizer: {what}")
-            for w in (0, 1, 2):
-                pps, pairs = loader_rate(work / "shards", w, z["batch"], tok)
-                out[f"loader_{name}_{w}_pairs_per_s"] = pps
-                print(f"    TrainLoader, {w} worker(s): {pps / 5:7.0f} images/s  {pps / 5 * mb:5.0f} MB/s  "
-                      f"({pps:.0f} pairs/s, {pairs} pairs; mmap reads {5 * ips / pps:.0f}x faster)", flush=True)
-        eat = consumption_rate(z, recipe, bert_tok)
-        best = max(out[f"loader_bert_{w}_pairs_per_s"] for w in (0, 1, 2))
-        out.update(consume_pairs_per_s=eat, margin=best / eat)
-        print(f"  VSE-infinity step at paper sizes consumes {eat:.1f} pairs/s on this machine (fp32): "
-              f"the loader keeps up with {best / eat:.0f}x margin (target >= 5x)")
-        if a.no_rss:
-            return _write(a.json, out)
-        print(f"memory: the same recipe and steps on {m} and {10 * m} training images")
-        rss = rss_section(z, work, m)
-        out.update(rss_1x_gib=rss["1x"], rss_10x_gib=rss["10x"], rss_growth=rss["10x"] / rss["1x"] - 1)
-        print(f"  peak RSS grows {100 * out['rss_growth']:+.1f}% for 10x the data (target < 10%)")
+        if not a.no_throughput:
+            throughput_section(z, Path(tmp), n, out)
+        if not a.no_rss:
+            print(f"memory: the same recipe and steps on {m} and {10 * m} training images")
+            rss = rss_section(z, Path(tmp), m)
+            out.update(rss_1x_gib=rss["1x"], rss_10x_gib=rss["10x"], rss_growth=rss["10x"] / rss["1x"] - 1)
+            print(f"  peak RSS grows {100 * out['rss_growth']:+.1f}% for 10x the data (target < 10%)")
     _write(a.json, out)
+
+
+def throughput_section(z, work, n, out):
+    from itr.data.text import SPECIALS, WordVocab
+
+    mb = out["sample_mb"]
+    make_precomp(work / "src", "train", n, z)
+    shard(work / "src", work / "shards", "train")
+    print(f"throughput: {n} images of {z['regions']} x {z['dim']} float16 ({mb:.3f} MB each), batch {z['batch']}")
+    ips = mmap_rate(work / "src" / "train_ims.npy")
+    out["mmap_images_per_s"] = ips
+    print(f"  np.load(mmap) shuffled reads: {ips:9.0f} images/s  {ips * mb:7.0f} MB/s  (= {5 * ips:.0f} pairs/s)")
+    recipe, bert_tok = vse_infty(z, work)
+    toks = {"bert": (bert_tok, "BERT WordPiece, VSE-infinity's"), "words": (WordVocab(SPECIALS + WORDS),
+                                                                          "NLTK words, the GRU recipes'")}
+    for name, (tok, what) in toks.items():
+        print(f"  tokenizer: {what}")
+        for w in (0, 1, 2):
+            pps, pairs = loader_rate(work / "shards", w, z["batch"], tok)
+            out[f"loader_{name}_{w}_pairs_per_s"] = pps
+            print(f"    TrainLoader, {w} worker(s): {pps / 5:7.0f} images/s  {pps / 5 * mb:5.0f} MB/s  "
+                  f"({pps:.0f} pairs/s, {pairs} pairs; mmap reads {5 * ips / pps:.0f}x faster)", flush=True)
+    eat = consumption_rate(z, recipe, bert_tok)
+    best = max(out[f"loader_bert_{w}_pairs_per_s"] for w in (0, 1, 2))
+    out.update(consume_pairs_per_s=eat, margin=best / eat)
+    print(f"  VSE-infinity step at paper sizes consumes {eat:.1f} pairs/s on this machine (fp32): "
+          f"the loader keeps up with {best / eat:.0f}x margin (target >= 5x)")
+    for f in (work / "src").glob("*"):
+        f.unlink()
 
 
 def _write(path, out):
