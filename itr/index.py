@@ -2,7 +2,7 @@
 
 An index directory holds ``images.safetensors`` / ``captions.safetensors`` (the model's embeddings: ``full.*``,
 what its ``score`` needs, token-level dicts included; ``global``, the shortlist vectors where they are not the
-full embedding), ``items.json`` (the images' ids as the dataset names them, the captions; caption j belongs to
+full embedding, or the file's metadata names the ``full.*`` key that holds them, TGDT's ``full.glob``), ``items.json`` (the images' ids as the dataset names them, the captions; caption j belongs to
 image j // 5), optional FAISS files (``images.faiss``, ``captions.faiss``) and ``index.json``: the manifest,
 naming the checkpoint (path, a digest of its ``itr.json``, its weights' size, its step) and recipe, the data,
 the shortlist and the FAISS parameters with their measured recall@10 against exact search.
@@ -134,10 +134,14 @@ def build_index(req):
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
     for side, full, glob in (("images", img, gi), ("captions", cap, gc)):
-        tensors = _flat(full, "full")
+        tensors, meta = _flat(full, "full"), {}
         if glob is not None:
-            tensors["global"] = glob.contiguous()
-        save_file(tensors, str(out / f"{side}.safetensors"))
+            same = [k for k, v in tensors.items() if v.data_ptr() == glob.data_ptr() and v.shape == glob.shape]
+            if same:  # TGDT's global token is a key of its embedding: named, not stored twice
+                meta["global"] = same[0]
+            else:
+                tensors["global"] = glob.contiguous()
+        save_file(tensors, str(out / f"{side}.safetensors"), metadata=meta)
     ids = split.ids or [f"{req.split}:{i}" for i in range(split.num_images)]
     (out / ITEMS).write_text(json.dumps({"image_ids": [str(i) for i in ids], "captions": split.captions}))
     manifest = {
@@ -202,15 +206,17 @@ class Index:
     def embeddings(self, side):
         """(full embedding, shortlist vectors or None) of ``side`` (images or captions)."""
         if side not in self._emb:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
             path = self.root / f"{side}.safetensors"
             try:
-                t = load_file(str(path))
+                with safe_open(str(path), framework="pt") as f:
+                    t = {k: f.get_tensor(k) for k in f.keys()}
+                    named = (f.metadata() or {}).get("global", "global")
             except Exception as e:
                 raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}): rebuild the index") from None
             full = _unflat(t, "full")
-            self._emb[side] = (full, full if self.source == "self" else t.get("global"))
+            self._emb[side] = (full, full if self.source == "self" else t.get(named))
         return self._emb[side]
 
     def image_row(self, image_id):
