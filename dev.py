@@ -35,7 +35,7 @@ def sh(*cmd, **kw):
 
 def install_digest():
     h = hashlib.sha256()
-    for f in ("setup.cfg", "pyproject.toml", "dev.py"):
+    for f in ("setup.cfg", "setup.py", "pyproject.toml", "dev.py"):
         h.update((ROOT / f).read_bytes())
     h.update(TORCH_SPEC.encode())
     return h.hexdigest()
@@ -51,7 +51,7 @@ def ensure_env():
     has_torch = subprocess.run([PY, "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch:
         sh(*pip, TORCH_SPEC)
-    sh(*pip, "-e", f"{ROOT}[dev,deepspeed,slurm]")
+    sh(*pip, "-e", f"{ROOT}[dev,deepspeed,slurm,server]")
     sh(*pip, "--no-deps", *EXTRA_NO_DEPS)
     STAMP.write_text(digest + "\n")
 

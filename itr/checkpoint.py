@@ -102,8 +102,10 @@ def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True,
         if with_state or deepspeed:
             accelerator.save_state(str(tmp / STATE), safe_serialization=True)
             save_rng(tmp / STATE, accelerator.process_index, scaler)
-        if deepspeed:
+            # every rank's files are in before rank 0 fsyncs and renames the folder (without this, a slow rank
+            # wrote into a folder being walked or already committed)
             accelerator.wait_for_everyone()
+        if deepspeed:
             state_dict = consolidated_deepspeed_weights(tmp / STATE) if main else None
         else:
             state_dict = accelerator.get_state_dict(model)
@@ -274,10 +276,27 @@ def load_training_state(accelerator, state_dir, scaler=None):
             raise
         raise CheckpointError(f"refusing to unpickle {bad[0]}: it holds more than tensors ({bad[1]}). A checkpoint "
                               f"written by itr never does; was the file replaced?") from e
-    if not load_rng(state_dir, accelerator.process_index, scaler) and scaler is not None:
+    if load_rng(state_dir, accelerator.process_index, scaler):
+        return
+    if (Path(state_dir) / "rng_0.safetensors").is_file():
+        # a rank the writing run did not have (resumed on more ranks): a fresh RNG, rank 0's loss scale (every
+        # rank must unscale the all-reduced gradients alike)
+        _load_scaler(Path(state_dir) / "rng_0.safetensors", scaler)
+    elif scaler is not None:
         import warnings
 
         warnings.warn(f"{state_dir} predates itr's own training-state file: the fp16 loss scale starts afresh")
+
+
+def _load_scaler(path, scaler):
+    from safetensors import safe_open
+
+    if scaler is None:
+        return
+    with safe_open(str(path), "pt") as f:
+        info = json.loads(f.metadata()["itr"])
+    if info.get("scaler"):
+        scaler.load_state_dict(info["scaler"])
 
 
 def read_meta(path):

@@ -14,7 +14,7 @@ def _train(a):
 
 
 def _shard(a):
-    from shards.precomp import shard_precomp
+    from itr.shards.precomp import shard_precomp
 
     m = shard_precomp(a.data_dir, a.split, a.out_dir, dtype=a.dtype, images_per_shard=a.images_per_shard,
                       seed=a.seed, shuffle=not a.no_shuffle, force=a.force)
@@ -23,7 +23,7 @@ def _shard(a):
 
 
 def _shard_images(a):
-    from shards.images import shard_images
+    from itr.shards.images import shard_images
 
     m = shard_images(a.captions_json, a.image_dir, a.split, a.out_dir, images_per_shard=a.images_per_shard,
                      seed=a.seed, shuffle=not a.no_shuffle, force=a.force)
@@ -104,6 +104,15 @@ def _submit(a):
     submit(a)
 
 
+def _recipes(a):
+    from itr import resources
+
+    if a.action == "ls":
+        print(resources.listing())
+    else:
+        print(f"copied {resources.find(a.name)} -> {resources.copy(a.name, a.dest, force=a.force)}")
+
+
 def _config(a):
     from itr.config import describe, load_recipe
 
@@ -112,7 +121,12 @@ def _config(a):
 
 
 def parser():
+    from pathlib import Path
+
+    from itr import __version__
+
     p = argparse.ArgumentParser(prog="itr", description="Image-text retrieval training toolkit")
+    p.add_argument("--version", action="version", version=f"itr {__version__} ({Path(__file__).resolve().parent})")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_shard, _add_eval, _add_import, _add_compare, _add_tools):
         add(sub)
@@ -126,6 +140,14 @@ def parser():
     c.add_argument("recipe", nargs="?")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=_config)
+    r = sub.add_parser("recipes", help="list (ls) or copy (cp NAME DEST) the bundled recipes, launch configs and "
+                                       "sbatch files")
+    r.add_argument("action", choices=["ls", "cp"])
+    r.add_argument("name", nargs="?", help="cp: f30k/vse_infty, launch/multi_gpu.yaml, slurm/train.sbatch, or a "
+                                           "whole folder: launch, slurm")
+    r.add_argument("dest", nargs="?", help="cp: a file name, or a folder to copy into")
+    r.add_argument("--force", action="store_true", help="cp: overwrite what is there")
+    r.set_defaults(fn=_recipes)
     return p
 
 
@@ -283,16 +305,18 @@ def _drop_local_rank(argv):
 def main(argv=None):
     import os
 
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed (imported by accelerate) warns on every start
     from itr.errors import ItrError
 
     argv = _drop_local_rank(sys.argv[1:] if argv is None else list(argv))
     p = parser()
     a, extra = p.parse_known_args(argv)
+    if "DS_ACCELERATOR" not in os.environ and a.cmd != "recipes":
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed (imported by accelerate) warns on every start
+    if a.cmd == "recipes" and ((a.name, a.dest) != (None, None) if a.action == "ls" else not (a.name and a.dest)):
+        p.error("usage: itr recipes ls, or itr recipes cp NAME DEST (e.g. itr recipes cp f30k/vse_infty my.yaml)")
     if extra:  # overrides after --out DIR
         if hasattr(a, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             a.overrides += extra

@@ -24,7 +24,9 @@ from itr.schema import flatten, resolve_path  # noqa: F401  (re-exported)
 @dataclass
 class DataConfig:
     name: str = param("", "dataset name for MLflow tags and run names (default: the data.root folder name)")
-    root: str = param("", "precomp directory ({split}_ims.npy, {split}_caps.txt) or a shard directory ({split}.manifest.json)")
+    root: str = param("", "precomp directory ({split}_ims.npy, {split}_caps.txt), a shard directory "
+                          "({split}.manifest.json), or remote shards: an http(s):// base URL or a template with "
+                          "{name} (pipe:CMD {name}), streamed as WebDataset reads them")
     train_split: str = param("train", "split used for training")
     dev_split: str = param("dev", "split evaluated after each epoch; picks the best checkpoint")
     test_split: str = param("test", "split evaluated at the end of training")
@@ -35,6 +37,8 @@ class DataConfig:
     shuffle_buffer: int = param(5000, "caption-pair shuffle buffer (per worker)", min=1)
     verify: str = param("checksum", "shard check before training: checksum (sha256, cached), size, none",
                          choices=("checksum", "size", "none"))
+    on_error: str = param("error", "a corrupt sample or shard: error (naming shard and key) or skip (counted, "
+                                   "logged to the console and MLflow as data/skipped)", choices=("error", "skip"))
     max_words: int = param(0, "truncate captions to this many tokens (0: no limit)")
     image_size: int = param(224, "raw-image shards: crop size (train: random resized crop + flip; eval: resize, center crop)")
 

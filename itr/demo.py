@@ -1,6 +1,6 @@
 """``itr demo``: the whole pipeline on generated data, in a few minutes on a laptop CPU.
 
-generate (itr.data.synthetic) -> shard (shards.precomp) -> train (itr.train, logging to
+generate (itr.data.synthetic) -> shard (itr.shards.precomp) -> train (itr.train, logging to
 MLflow) -> evaluate the best checkpoint on the 1,000-image test split -> print the table.
 """
 import shutil
@@ -14,19 +14,16 @@ SPLITS = (("train", 3000), ("dev", 500), ("test", 1000))
 
 
 def default_recipe():
-    p = Path(__file__).resolve().parent.parent / "recipes" / "synthetic" / "vsepp_gru.yaml"
-    if not p.is_file():
-        from itr.errors import ConfigError
+    from itr.resources import find
 
-        raise ConfigError(f"{p} not found: run the demo from a checkout of itr, or pass --recipe")
-    return p
+    return find("synthetic/vsepp_gru")
 
 
 def demo(out="itr-demo", recipe=None, overrides=()):
     from itr.config import load_recipe
     from itr.data.synthetic import generate
     from itr.train import train
-    from shards.precomp import shard_precomp
+    from itr.shards.precomp import shard_precomp
 
     t0 = time.time()
     out = Path(out).resolve()

@@ -226,5 +226,8 @@ def describe(cls, prefix="", values=None):
 
 
 def resolve_path(p: str) -> Path:
-    """Recipe paths: ~ and $VARS expanded, relative to the current directory."""
+    """Recipe paths: ~ and $VARS expanded, relative to the current directory. A remote data root
+    (``http(s)://``, ``pipe:``; itr/data/remote.py) stays the string it is."""
+    if isinstance(p, str) and p.startswith(("http://", "https://", "pipe:")):
+        return p
     return Path(os.path.expandvars(os.path.expanduser(p))).resolve()

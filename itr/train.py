@@ -27,14 +27,15 @@ import yaml
 from tqdm import tqdm
 
 from itr import checkpoint as ckpt
+from itr import progress
 from itr import rundir
 from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
-from itr.data.sources import check_split, data_kind, data_root, ensure_shards, load_split, split_captions
+from itr.data.segments import begin_segment, stream_shape
+from itr.data.sources import check_split, data_root, ensure_shards, load_split, split_captions
 from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
                              make_accelerator)
-from itr.errors import DataError
-from itr.eval.job import evaluate_model
+from itr.eval.job import evaluate_model, final_test
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
 from itr.optim import make_optimizer, set_lr
@@ -94,7 +95,7 @@ class Trainer:
         self._build()
         self.loader = TrainLoader(self.manifest, self.tokenizer, self.rank_batch, self.world, self.rank, self.t.seed,
                                   self.recipe.data.num_workers, self.recipe.data.shuffle_buffer,
-                                  self.recipe.data.image_size)
+                                  self.recipe.data.image_size, self.recipe.data.on_error)
 
     def _accelerator(self):
         t = self.t
@@ -128,9 +129,11 @@ class Trainer:
             self.resume_from = ckpt.resolve(self.t.resume)
         if self.resume_from:
             self.meta = json.loads((self.resume_from / ckpt.META).read_text())
-            if self.meta["world_size"] != self.world:
-                raise ConfigError(f"{self.resume_from} was written by {self.meta['world_size']} ranks; resume it with "
-                                  f"the same number (the data stream position depends on it), not {self.world}")
+            if self.meta["world_size"] != self.world and self.deepspeed:
+                raise ConfigError(f"{self.resume_from} was written by {self.meta['world_size']} ranks under DeepSpeed, "
+                                  f"whose ZeRO partitions of the optimizer state are per rank; resume it on "
+                                  f"{self.meta['world_size']} ranks (or start a new run from its weights with "
+                                  f"train.init_from={self.resume_from})")
 
     def _build(self):
         """Data (the train stream's manifest; dev and test checked now, not after training), tokenizer, model,
@@ -168,9 +171,14 @@ class Trainer:
         if self.resume_from:
             ckpt.load_training_state(self.acc, self.resume_from / ckpt.STATE, self.precision.scaler)
             self.state = TrainState.from_dict(self.meta["train_state"], self.resume_from / ckpt.META)
+            self._new_segment()
             if self.main and self.resume_from == self.out / "last":
                 self._say(ckpt.reconcile_best(self.out, self.meta))
         self._start_tracking()
+
+    def _new_segment(self):
+        """Mid-epoch on another data-stream shape: ``itr.data.segments`` deals the rest of the epoch to these ranks."""
+        self._say(begin_segment(self.state, stream_shape(self.meta, self.resume_from / ckpt.RECIPE), self.loader.shape()))
 
     def _start_tracking(self):
         r, s = self.recipe, self.state
@@ -207,13 +215,14 @@ class Trainer:
         self.model.train()
         self.last_log, self.last_log_step = time.perf_counter(), s.global_step
         self.throughput, self.started = [], time.perf_counter()
-        self.epoch_steps = [self.loader.num_batches(e) // t.grad_accum for e in range(t.epochs)]
+        self.epoch_steps = [self.loader.num_batches(e, s.segments if e == s.epoch else ()) // t.grad_accum
+                            for e in range(t.epochs)]
         self.total_steps = sum(self.epoch_steps)
         for epoch in range(s.epoch, t.epochs):
             stopped = self.run_epoch(epoch)
             done = s.micro_in_epoch >= self.epoch_steps[epoch] * t.grad_accum
             if done:
-                s.epoch, s.micro_in_epoch = epoch + 1, 0
+                s.epoch, s.micro_in_epoch, s.segments = epoch + 1, 0, []
             if stopped == "signal":  # preemption: save now, evaluate after the restart
                 s.pending_eval = done
                 self.save_checkpoint()
@@ -221,6 +230,7 @@ class Trainer:
                           f"itr train ... --out {self.out} train.resume=latest")
                 self.tracker.finish("KILLED")
                 return stopped
+            self._report_skipped(epoch)
             self.end_of_epoch(epoch + 1)
             if stopped:
                 return stopped
@@ -231,8 +241,9 @@ class Trainer:
         t, s = self.t, self.state
         steps = self.epoch_steps[epoch]
         first = s.micro_in_epoch // t.grad_accum
-        batches = self.loader.epoch(epoch, skip=s.micro_in_epoch)
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not self.main, unit="step")
+        batches = self.loader.epoch(epoch, skip=s.micro_in_epoch, segments=s.segments)
+        bar = progress.bar(total=steps, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}", enabled=self.main,
+                           unit="step")
         stopped = None
         try:
             for _ in range(first, steps):
@@ -310,11 +321,18 @@ class Trainer:
             ckpt.promote(self.out / "last", self.out / "best", self.checkpoint_meta())
         self.acc.wait_for_everyone()
 
+    def _report_skipped(self, epoch):
+        """data.on_error=skip: the samples every rank passed over this epoch, to the console and MLflow."""
+        total, first = self.loader.skipped_total(self.device)
+        if total:
+            self._say(f"data.on_error=skip: {total} unreadable sample(s) skipped in epoch {epoch + 1}; first: {first}")
+            self.tracker.log_metrics({"data/skipped": total}, step=self.state.global_step)
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_meta(self):
         return {"train_state": self.state.to_dict(), "world_size": self.world, "img_dim": self.img_dim,
-                "rank_batch": self.rank_batch, "grad_accum": self.t.grad_accum,
+                "rank_batch": self.rank_batch, "grad_accum": self.t.grad_accum, "stream": self.loader.shape().as_dict(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save_checkpoint(self):
@@ -371,18 +389,3 @@ class Trainer:
     def _say(self, line):
         if line and getattr(self, "main", int(os.environ.get("RANK", "0")) == 0):
             print(f"[itr] {line}", flush=True)
-
-
-def final_test(recipe, out, device, rank, world):
-    """Evaluate DIR/best on the test split (every rank embeds a slice), if the data has one."""
-    root = data_root(recipe)
-    try:
-        data_kind(root, recipe.data.test_split)
-    except DataError:
-        if rank == 0:
-            print(f"[itr] no {recipe.data.test_split!r} split in {root}: skipping the test evaluation", flush=True)
-        return None
-    model, tokenizer, _, _ = ckpt.load_for_eval(out / "best", device)
-    split = load_split(root, recipe.data.test_split, recipe.data.image_size, verify=recipe.data.verify)
-    metrics, _ = evaluate_model(model, split, tokenizer, recipe.eval, device, rank, world)
-    return metrics

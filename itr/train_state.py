@@ -2,14 +2,15 @@
 
 It is saved as ``train_state`` in a checkpoint's ``itr.json``; its field names are that JSON's keys, so a rename
 here is a format change: bump ``VERSION`` and teach ``from_dict`` the older layout. Layouts: 1 (itr 0.1 up to
-49c3d5a, no ``version`` key, no ``best_step``), 2 (``best_step``, the step the best dev score was reached at).
+49c3d5a, no ``version`` key, no ``best_step``), 2 (``best_step``, the step the best dev score was reached at), 3
+(``segments``, the parts of the current epoch run on another data-stream shape: ``itr.data.segments``).
 """
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from itr.errors import CheckpointError
 
-VERSION = 2
+VERSION = 3
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TrainState:
     run_id: Optional[str] = None  # the MLflow run a resumed run keeps logging to
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed (not applied)
     pending_eval: bool = False  # stopped by a signal right after an epoch's last step: evaluate first on resume
+    segments: list = field(default_factory=list)  # this epoch's parts on other stream shapes (itr.data.segments)
     history: dict = field(default_factory=lambda: {"loss": [], "dev": []})  # for the curves: [step, loss], [epoch, dev]
 
     def to_dict(self):

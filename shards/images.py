@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from itr.data.precomp import CAPS_PER_IMAGE, DataError
-from shards.writer import write_split
+from itr.shards.writer import write_split
 
 
 def read_captions_json(path, split):

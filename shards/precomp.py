@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from itr.data.precomp import DataError, open_precomp
-from shards.writer import npy_bytes, write_split
+from itr.shards.writer import npy_bytes, write_split
 
 
 def shard_precomp(data_dir, split, out_dir, dtype="float16", images_per_shard=1000, seed=0,

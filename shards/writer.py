@@ -52,9 +52,9 @@ def write_split(out_dir, split, n, members, captions, ids, info, images_per_shar
     shards = []
     bar = None
     if progress:
-        from tqdm import tqdm
+        from itr.progress import bar as progress_bar
 
-        bar = tqdm(total=n, desc=f"shard {split}", unit="img")
+        bar = progress_bar(total=n, desc=f"shard {split}", unit="img")
     try:
         for si, start in enumerate(range(0, n, images_per_shard)):
             idx = order[start:start + images_per_shard]

@@ -49,7 +49,7 @@ def small_shards(tmp_path_factory):
     """Shards of a smaller synthetic dataset (48/16/16 images, 4 regions x 16-d): ~10 steps of 24 pairs an epoch,
     for tests that train many times (the resume and kill-protocol tests)."""
     from itr.data.synthetic import generate
-    from shards.precomp import shard_precomp
+    from itr.shards.precomp import shard_precomp
 
     src = generate(tmp_path_factory.mktemp("small_src"), splits=(("train", 48), ("dev", 16), ("test", 16)), dim=16,
                    regions=4, seed=3)
@@ -117,8 +117,8 @@ def run_itr(*args, env=None, timeout=600, check=True):
     """Run the CLI in a subprocess, as a user would."""
     e = dict(os.environ)
     e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "itr", *map(str, args)], capture_output=True, text=True, env=e,
-                       timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", "itr", *map(str, args)], capture_output=True, text=True, errors="replace",
+                       env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"itr {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -199,7 +199,7 @@ def _launched(procs, spec, timeout):
         cmd = [str(accelerate if accelerate.exists() else "accelerate"), "launch", "--multi_gpu", "--num_processes",
                str(procs), "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
                "--main_process_port", "0", str(STEP), str(out), json.dumps(spec)]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
         assert p.returncode == 0, f"{STEP.name} on {procs} ranks failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
         return torch.load(out)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from itr.cli import main
-from shards.precomp import shard_precomp
+from itr.shards.precomp import shard_precomp
 
 from conftest import ROOT, tiny_overrides
 

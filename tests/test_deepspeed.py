@@ -20,7 +20,7 @@ def _launch(config, tiny_data, out, *extra, check=True):
     cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / config), "--main_process_port", "0",
            "-m", "itr", "train", str(DEMO), *tiny_overrides(tiny_data), "train.mixed_precision=bf16",
            "train.world_size=2", "tracking.enabled=false", *extra, "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=ROOT, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0 or not check, p.stdout[-2000:] + p.stderr[-6000:]
     return p
@@ -63,7 +63,7 @@ def test_zero_bf16_save_resume_consolidate(stage, tiny_data, tmp_path):
     code = ("import sys; sys.modules['deepspeed'] = None; from itr.cli import main; "
             f"sys.exit(main(['eval', {str(tmp_path / 'full' / 'best')!r}, '--data', {str(tiny_data)!r}, "
             f"'--split', 'test', '--json', {str(tmp_path / 'm.json')!r}]))")
-    e = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    e = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, errors="replace", timeout=300)
     assert e.returncode == 0, e.stderr[-3000:]
     res = json.loads((tmp_path / "full" / "results.json").read_text())
     assert json.loads((tmp_path / "m.json").read_text())["rsum"] == pytest.approx(res["test"]["rsum"])
@@ -76,7 +76,7 @@ def test_the_deepspeed_launcher_runs_the_same_json(tiny_data, tmp_path):
     cmd = [ds, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "itr", "train", str(DEMO),
            *tiny_overrides(tiny_data, **{"train.epochs": 1}), "train.mixed_precision=bf16", "train.world_size=2",
            "tracking.enabled=false", f"train.deepspeed={ROOT / 'launch' / 'ds_zero2.json'}", "--out", str(tmp_path / "r")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["world_size"] == 2
@@ -111,7 +111,7 @@ def test_deepspeed_and_ddp_take_the_same_steps(tiny_data, tmp_path):
                "-m", "itr", "train", str(DEMO), *tiny_overrides(tiny_data), "train.grad_accum=2", "train.log_every=1",
                "train.max_steps=5", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"tracking.run_name={name}",
                "--out", str(tmp_path / name)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+        p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300,
                            env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true"))
         assert p.returncode == 0, p.stderr[-4000:]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")

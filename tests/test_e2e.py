@@ -56,7 +56,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(sharded, tmp_path):
     d = sharded
     args = [sys.executable, "-m", "itr", "train", str(DEMO), f"data.root={d / 'shards'}", "train.epochs=2",
             "tracking.enabled=false", *SMALL, "--out", str(tmp_path / "run")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     deadline = time.time() + 120
     out = ""
     while "epoch 1/2" not in out and time.time() < deadline:  # tqdm bar of the first epoch is up

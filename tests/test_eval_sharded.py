@@ -47,7 +47,8 @@ def test_eval_job_on_several_ranks_equals_one_rank(tiny_data, tmp_path, procs, c
                         "--chunk-size", str(chunk), "--json", str(tmp_path / "m.json"),
                         "--save-sims", str(tmp_path / "sims.npy"), "--save-topk", "5", "--topk-path",
                         str(tmp_path / "top.npz")],
-                       capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, errors="replace", timeout=180,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-4000:]
     assert f"{procs} ranks" in p.stdout
     np.testing.assert_allclose(np.load(tmp_path / "sims.npy"), np.load(tmp_path / "ref.npy"), rtol=0, atol=1e-5)

@@ -114,7 +114,7 @@ def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(s
 
 
 def _shards(tmp_path, tiny_data):
-    from shards.precomp import shard_precomp
+    from itr.shards.precomp import shard_precomp
 
     out = tmp_path / "shards"
     for split in ("train", "dev", "test"):

@@ -11,7 +11,7 @@ from itr.data.manifest import load_manifest
 from itr.data.precomp import DataError
 from itr.data.sources import load_split
 from itr.data.text import WordVocab
-from shards.images import shard_images
+from itr.shards.images import shard_images
 
 from conftest import F8K, F8K_IMAGES
 

@@ -5,7 +5,7 @@ from itr.data.manifest import load_manifest
 from itr.data.precomp import DataError
 from itr.data.sources import split_captions
 from itr.data.text import WordVocab
-from shards.precomp import shard_precomp
+from itr.shards.precomp import shard_precomp
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from itr.logs import read_log
+
 from conftest import ROOT, small_overrides
 
 HELPER = ROOT / "tests" / "helpers" / "kill_protocol.py"
@@ -28,7 +30,7 @@ def test_a_kill_at_every_point_of_the_protocol_then_another_loses_nothing(recipe
     overrides = small_overrides(small_shards, **{"train.checkpoint_every": 4, "model.text.word_dim": 16})
     points = ["--points", "last:,results"] if recipe == "vse_infty" else []
     p = subprocess.run([sys.executable, str(HELPER), *points, str(ROOT / "recipes" / "synthetic" / f"{recipe}.yaml"),
-                        str(tmp_path), *overrides], capture_output=True, text=True, timeout=1200,
+                        str(tmp_path), *overrides], capture_output=True, text=True, errors="replace", timeout=1200,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -41,7 +43,7 @@ def test_a_kill_at_every_point_of_the_protocol_then_another_loses_nothing(recipe
     twice = 0
     for name, sc in report["scenarios"].items():
         runs, out = sc["runs"], sc["dir"]
-        log = open(out + ".log").read()[-3000:]
+        log = read_log(out + ".log", tail=3000)
         assert runs[0] == "killed" and runs[-1] == "ok", (name, runs, log)
         twice += runs[1] == "killed"
         for ck in ("last", "best"):

@@ -246,7 +246,8 @@ def test_eval_job_on_two_ranks_equals_one_rank(tiny_data, tmp_path):
     p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "itr", "eval",
                         str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split", "test",
                         "--chunk-size", "16", "--json", str(tmp_path / "m.json"), "--save-sims", str(tmp_path / "sims.npy")],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, errors="replace", timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-4000:]
     assert "2 ranks" in p.stdout
     assert np.array_equal(np.load(tmp_path / "sims.npy"), np.load(tmp_path / "ref.npy"))

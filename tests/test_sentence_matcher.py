@@ -219,7 +219,7 @@ def f8k_image_shards(tmp_path):
     """Shards of the 100 real Flickr8k JPEGs, split 80/20 as tests/test_images.py does."""
     if not (F8K_IMAGES / "ids.txt").is_file():
         pytest.skip(f"real Flickr8k images not found at {F8K_IMAGES} (../shared/data beside the checkout; CI has it)")
-    from shards.images import shard_images
+    from itr.shards.images import shard_images
 
     ids = (F8K_IMAGES / "ids.txt").read_text().split()
     caps = (F8K / "dev_caps.txt").read_text().splitlines()

@@ -8,7 +8,7 @@ import pytest
 from itr.data.manifest import load_manifest, verify_shards
 from itr.data.precomp import DataError, open_precomp
 from itr.data.sources import ensure_shards, load_split, read_shard_split, split_captions
-from shards.precomp import shard_precomp
+from itr.shards.precomp import shard_precomp
 
 
 def _write_precomp(d, n=12, regions=3, dim=4, caps_per=5, split="train"):

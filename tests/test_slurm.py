@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from itr.logs import read_log
+
 from conftest import ROOT, run_itr, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -33,7 +35,7 @@ def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
     try:
         p = subprocess.run([str(ROOT / "slurm" / "testcluster" / "start.sh"), str(d)], capture_output=True,
-                           text=True, timeout=180)
+                           text=True, errors="replace", timeout=180)
         ok, why = p.returncode == 0, (p.stdout + p.stderr)[-2000:]
     except subprocess.TimeoutExpired as e:
         ok, why = False, f"start.sh timed out: {e}"
@@ -63,7 +65,7 @@ def slurm_env(cluster):
 
 
 def sh(*cmd, timeout=30, check=True):
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace", timeout=timeout)
     if check and p.returncode:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stdout}{p.stderr}")
     return p
@@ -85,7 +87,7 @@ def wait_job(job, log=None, timeout=150):
         if s in DONE or s == "GONE":
             return s
         time.sleep(1)
-    text = Path(log).read_text()[-4000:] if log and Path(log).exists() else ""
+    text = read_log(log, tail=4000, missing_ok=True) if log else ""
     raise AssertionError(f"job {job} still {state(job)} after {timeout} s\n{text}")
 
 
@@ -101,7 +103,7 @@ def wait_step(out, k, job, log, timeout=120):
         if state(job) in DONE:
             break
         time.sleep(0.2)
-    raise AssertionError(f"{out} never reached step {k} (job {job}: {state(job)})\n{Path(log).read_text()[-4000:]}")
+    raise AssertionError(f"{out} never reached step {k} (job {job}: {state(job)})\n{read_log(log, tail=4000)}")
 
 
 @contextlib.contextmanager
@@ -139,15 +141,22 @@ def reference(cluster, tiny_data, tmp_path_factory):
     log = d / "job.log"
     p = subprocess.run(["sbatch", "--parsable", "-o", str(log), str(ROOT / "slurm" / "multinode.sbatch"), str(DEMO),
                         *overrides(tiny_data), "train.world_size=2", "tracking.enabled=false", "--out", str(d / "run")],
-                       capture_output=True, text=True, env=env, cwd=d, timeout=30)
+                       capture_output=True, text=True, errors="replace", env=env, cwd=d, timeout=30)
     assert p.returncode == 0, p.stderr
     job = p.stdout.strip()
     deadline = time.time() + 150
     while time.time() < deadline and state(job) not in DONE | {"GONE"}:
         time.sleep(1)
-    text = log.read_text() if log.exists() else ""
-    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}\n{text[-5000:]}"
+    text = read_log(log, missing_ok=True)
+    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}
+{errors_first(text)}"
     return {"dir": d / "run", "log": text}
+
+
+def errors_first(text):
+    """itr's own error lines, then the log's tail: rank 1's gloo traceback otherwise buries rank 0's cause."""
+    mine = [line for line in text.splitlines() if "itr " in line and "error" in line.lower()]
+    return "\n".join(mine[:20]) + "\n...\n" + text[-4000:]
 
 
 def test_multinode_recipe_trains_over_two_nodes_and_the_eval_recipe_evaluates_it(slurm_env, reference, tiny_data,
@@ -160,8 +169,8 @@ def test_multinode_recipe_trains_over_two_nodes_and_the_eval_recipe_evaluates_it
     log = tmp_path / "eval.log"
     job = sbatch("-N", "2", "-o", log, ROOT / "slurm" / "eval.sbatch", reference["dir"] / "best", "--data", tiny_data,
                  "--split", "test", "--json", tmp_path / "test.json")
-    assert wait_job(job, log, timeout=120) in ("COMPLETED", "GONE"), log.read_text()[-4000:]
-    text = log.read_text()
+    assert wait_job(job, log, timeout=120) in ("COMPLETED", "GONE"), read_log(log, tail=4000)
+    text = read_log(log)
     assert "2 ranks" in text, text[-3000:]
     assert json.loads((tmp_path / "test.json").read_text())["rsum"] == pytest.approx(res["test"]["rsum"])
 
@@ -176,8 +185,8 @@ def test_a_preempted_multinode_job_requeues_and_ends_with_the_weights_of_an_unin
     wait_step(out, CUT, job, log)
     urgent = sbatch("-N", "2", "-p", "urgent", "--exclusive", "-o", tmp_path / "urgent.log", "--wrap", "sleep 1")
     assert wait_job(urgent, timeout=60) in ("COMPLETED", "GONE")
-    assert wait_job(job, log, timeout=150) in ("COMPLETED", "GONE"), log.read_text()[-5000:]
-    text = log.read_text()
+    assert wait_job(job, log, timeout=150) in ("COMPLETED", "GONE"), read_log(log, tail=5000)
+    text = read_log(log)
     stopped = re.search(r"stopped by signal (\d+) at step (\d+)", text)
     assert stopped and int(stopped.group(1)) == 15, text[-5000:]  # SIGTERM
     assert CUT <= int(stopped.group(2)) < STEPS
@@ -197,11 +206,11 @@ def test_an_evaluation_stopped_by_the_time_limit_signal_requeues_and_resumes_to_
                      "--split", "test", "--chunk-size", 16, "--state", state_dir, "--state-every", 0, "--json", out)
     deadline = time.time() + 120
     while not (state_dir / "state-rank0.npz").is_file():
-        assert time.time() < deadline and state(job) not in DONE, f"no state written\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline and state(job) not in DONE, f"no state written\n{read_log(log, tail=4000)}"
         time.sleep(0.2)
     sh("scancel", "--batch", "--signal=USR1", job)
-    assert wait_job(job, log, timeout=180) in ("COMPLETED", "GONE"), log.read_text()[-5000:]
-    text = log.read_text()
+    assert wait_job(job, log, timeout=180) in ("COMPLETED", "GONE"), read_log(log, tail=5000)
+    text = read_log(log)
     assert "stopped by signal 10" in text and f"requeueing job {job}" in text, text[-5000:]
     assert "resuming the evaluation from" in text, text[-5000:]
     assert json.loads(out.read_text())["rsum"] == pytest.approx(res["test"]["rsum"])
@@ -251,7 +260,7 @@ def interrupted(cluster, reference, tiny_data, tmp_path_factory):
         sh("scancel", *how, run["job"])
     for run in (t, s):
         run["state"] = wait_job(run["job"], run["log"], timeout=180)
-        run["text"] = run["log"].read_text()
+        run["text"] = read_log(run["log"])
     if saved_cache is None:
         os.environ.pop("ITR_CACHE", None)
     else:

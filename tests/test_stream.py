@@ -134,21 +134,24 @@ def test_a_killed_evaluation_resumes_from_its_finished_tiles(tmp_path, tiny_data
                       small_overrides(tiny_data, **{"train.epochs": 1, "data.root": tiny_data})), tmp_path / "run")
     args = [sys.executable, "-m", "itr", "eval", str(tmp_path / "run" / "best"), "--data", str(tiny_data), "--split",
             "test", "--chunk-size", "8", "--state", str(tmp_path / "state"), "--state-every", "0"]
-    killed = subprocess.run(args, capture_output=True, text=True, timeout=300,
+    killed = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=300,
                             env=dict(os.environ, ITR_FAULT="kill@eval tile:12"))
     assert killed.returncode == -9
     assert (tmp_path / "state" / "state-rank0.npz").is_file()
-    done = subprocess.run(args + ["--json", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args + ["--json", str(tmp_path / "m.json")], capture_output=True, text=True, errors="replace",
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming the evaluation" in done.stdout and "12 of this rank's tiles are done" in done.stdout
     # a preemption signal (SIGTERM here; SLURM's USR1 alike) saves the state and exits 75 for a requeue
     term = subprocess.run(args[:-4] + ["--state", str(tmp_path / "s2"), "--json", str(tmp_path / "t.json")],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, ITR_FAULT="term@eval tile:7"))
+                          capture_output=True, text=True, errors="replace", timeout=300,
+                          env=dict(os.environ, ITR_FAULT="term@eval tile:7"))
     assert term.returncode == 75 and "run the same command again to resume" in term.stdout, term.stderr[-2000:]
     again = subprocess.run(args[:-4] + ["--state", str(tmp_path / "s2"), "--json", str(tmp_path / "t.json")],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, errors="replace", timeout=300)
     assert again.returncode == 0 and "resuming the evaluation" in again.stdout
-    ref = subprocess.run(args[:-4] + ["--json", str(tmp_path / "ref.json")], capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(args[:-4] + ["--json", str(tmp_path / "ref.json")], capture_output=True, text=True,
+                         errors="replace", timeout=300)
     assert ref.returncode == 0
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "ref.json").read_text())
     assert json.loads((tmp_path / "t.json").read_text()) == json.loads((tmp_path / "ref.json").read_text())

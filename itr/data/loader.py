@@ -12,50 +12,24 @@ How an epoch is split, deterministically from ``(seed, epoch)`` and the manifest
    ``batch_size / (W * grad_accum)`` and stops after ``n_batches``, the same number on
    every rank (the smallest rank's pair count // batch). Unequal batch counts would hang DDP.
 
-The stream is a pure function of ``(seed, epoch)``, so resuming mid-epoch replays the
-epoch and skips the batches already trained on.
+The stream is a pure function of ``(seed, epoch)`` and its shape (world, per-rank batch, workers,
+shuffle buffer; ``itr.data.plan``), so resuming mid-epoch with the same shape replays the epoch and
+skips the batches already trained on; with another shape, ``itr.data.segments`` deals the epoch's
+pairs not yet trained on to the new ranks (``keep``).
 """
 import io
 import json
 import random
 from dataclasses import dataclass
-from typing import List, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from itr.data.manifest import shard_paths
+from itr.data.plan import batches_per_epoch, chunk_size, plan_epoch, shuffled  # noqa: F401 (re-exported)
 from itr.data.precomp import DataError
-
-Unit = Tuple[int, int, int]  # (shard index, part, parts): images i of the shard with i % parts == part
-
-
-def _unit_images(manifest, unit):
-    s, part, parts = unit
-    return len(range(part, manifest["shards"][s]["num_images"], parts))
-
-
-def plan_epoch(manifest, epoch: int, seed: int, world: int) -> List[List[Unit]]:
-    """The units each rank reads this epoch (see the module docstring)."""
-    S = len(manifest["shards"])
-    order = np.random.default_rng([seed, epoch, 1]).permutation(S).tolist()
-    full = len(order) - len(order) % world
-    per_rank = [[(s, 0, 1) for s in order[r:full:world]] for r in range(world)]
-    for k, s in enumerate(order[full:]):
-        for r in range(world):
-            per_rank[r].append((s, (r + k) % world, world))  # rotate, so no rank always gets the short part
-    rng = np.random.default_rng([seed, epoch, 2])
-    for units in per_rank:
-        rng.shuffle(units)
-    return per_rank
-
-
-def batches_per_epoch(manifest, epoch, seed, world, rank_batch):
-    cpi = manifest.get("captions_per_image", 5)
-    per_rank = plan_epoch(manifest, epoch, seed, world)
-    pairs = min(sum(_unit_images(manifest, u) for u in units) * cpi for units in per_rank)
-    return pairs // rank_batch
+from itr.data.segments import Shape, batches_left, consumed, shard_index, stream_plan
 
 
 def image_key(manifest):
@@ -71,7 +45,7 @@ class PairStream(IterableDataset):
     """
 
     def __init__(self, manifest, units, tokenizer, seed, epoch, rank, shuffle_buffer=5000, chunk=32,
-                 image_size=224):
+                 image_size=224, keep=None, on_error="error"):
         self.paths = shard_paths(manifest)
         self.manifest = {k: manifest.get(k) for k in ("feature_shape", "captions_per_image", "kind")}
         self.units = list(units)
@@ -81,6 +55,8 @@ class PairStream(IterableDataset):
         self.chunk = chunk
         self.image_size = image_size
         self.key = image_key(manifest)
+        self.keep = keep  # a boolean mask over caption indices: this rank's pairs of a resumed epoch, or None
+        self.on_error, self.skipped = on_error, []
 
     def _decode(self, sample, path, aug):
         if self.key == "pixels":
@@ -106,16 +82,44 @@ class PairStream(IterableDataset):
             for k, sample in enumerate(wds.tarfile_samples([{"url": path}])):
                 if k % parts != part:
                     continue  # another rank's share of this shard: skip before decoding
-                meta = json.loads(sample["json"])
-                feat = self._decode(sample, path, aug)
-                if "boxes.npy" in sample:
-                    meta["boxes"] = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
-                yield feat, meta
+                try:
+                    item = self._sample(sample, path, aug)
+                except Exception as e:
+                    self._bad(f"shard {path}: sample {sample.get('__key__', k + 1)} is unreadable "
+                              f"({type(e).__name__}: {e})", e)
+                    continue
+                if item is not None:
+                    yield item
         except DataError:
             raise
         except Exception as e:
-            raise DataError(f"shard {path} is unreadable near sample {k + 1} ({type(e).__name__}: {e}); "
-                            f"rebuild it with `itr shard`") from e
+            self._bad(f"shard {path} is unreadable near sample {k + 1} ({type(e).__name__}: {e}); rebuild it with "
+                      f"`itr shard`", e)
+
+    def _sample(self, sample, path, aug):
+        """(features, meta) of one image, or None when none of its pairs is this rank's (before decoding)."""
+        need = ("json",) if self.key == "pixels" else ("json", "feat.npy")
+        lacks = [k for k in need if k not in sample]
+        if lacks:
+            raise DataError(f"shard {path}: sample {sample.get('__key__')} lacks {', '.join(lacks)}: the shard is "
+                            f"truncated or was not written by `itr shard`; rebuild it (or data.on_error=skip)")
+        meta = json.loads(sample["json"])
+        if self.keep is not None:
+            pairs = [(c, t) for c, t in zip(meta["caption_indices"], meta["captions"]) if self.keep[c]]
+            if not pairs:
+                return None
+            meta["caption_indices"], meta["captions"] = [c for c, _ in pairs], [t for _, t in pairs]
+        feat = self._decode(sample, path, aug)
+        if "boxes.npy" in sample:
+            meta["boxes"] = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
+        return feat, meta
+
+    def _bad(self, message, error):
+        """A corrupt sample or shard: an error naming it, or with ``data.on_error=skip`` a note for the main
+        process (it rides on the next chunk) and on."""
+        if self.on_error != "skip":
+            raise error if isinstance(error, DataError) else DataError(message) from error
+        self.skipped.append(message)
 
     def _pairs(self, units, aug):
         for unit in units:
@@ -129,28 +133,20 @@ class PairStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
         aug = random.Random(f"aug-{self.seed}-{self.epoch}-{self.rank}-{wid}")
-        stream = _shuffled(self._pairs(self.units[wid::nw], aug), self.shuffle_buffer, rng)
+        stream = shuffled(self._pairs(self.units[wid::nw], aug), self.shuffle_buffer, rng)
         buf = []
         for feat, text, img, cap, extra in stream:
             buf.append((feat, self.tokenizer.encode(text), img, cap, extra))
             if len(buf) == self.chunk:
-                yield _chunk(buf, self.key)
+                yield self._with_notes(_chunk(buf, self.key))
                 buf = []
-        if buf:
-            yield _chunk(buf, self.key)
+        if buf or self.skipped:
+            yield self._with_notes(_chunk(buf, self.key) if buf else {})
 
-
-def _shuffled(it, bufsize, rng):
-    buf = []
-    for x in it:
-        if len(buf) < bufsize:
-            buf.append(x)
-            continue
-        j = rng.randrange(bufsize)
-        yield buf[j]
-        buf[j] = x
-    rng.shuffle(buf)
-    yield from buf
+    def _with_notes(self, chunk):
+        if self.skipped:
+            chunk["skipped"], self.skipped = self.skipped, []
+        return chunk
 
 
 def _chunk(items, key="feats"):
@@ -199,51 +195,104 @@ class TrainLoader:
     num_workers: int = 2
     shuffle_buffer: int = 5000
     image_size: int = 224
+    on_error: str = "error"  # data.on_error: "skip" passes over corrupt samples (noted in ``skipped``)
 
-    def num_batches(self, epoch):
-        return batches_per_epoch(self.manifest, epoch, self.seed, self.world, self.rank_batch)
+    def __post_init__(self):
+        self._plans, self._index, self.skipped = {}, None, []
 
-    def epoch(self, epoch, skip=0):
-        """Batches of ``epoch``, starting after the first ``skip`` (resume)."""
-        n = self.num_batches(epoch)
-        if n == 0:
+    def skipped_total(self, device="cpu"):
+        """(samples skipped on every rank since the last call, the first note of this rank or None). Collective."""
+        from itr.distributed import all_reduce_sum
+
+        total = int(all_reduce_sum(torch.tensor([float(len(self.skipped))], device=device)).item())
+        first = self.skipped[0] if self.skipped else "(on another rank)" if total else None
+        self.skipped.clear()
+        return total, first
+
+    def shape(self):
+        return Shape(self.world, self.rank_batch, self.num_workers, self.shuffle_buffer)
+
+    def _plan(self, epoch, segments):
+        """(this rank's units, keep mask or None, batches per rank) of ``epoch`` after ``segments`` (the parts of
+        it run under another stream shape: ``itr.data.segments``)."""
+        key = (epoch, json.dumps(segments, sort_keys=True))
+        if key not in self._plans:
+            if not segments:
+                units = plan_epoch(self.manifest, epoch, self.seed, self.world)[self.rank]
+                n = batches_per_epoch(self.manifest, epoch, self.seed, self.world, self.rank_batch)
+                self._plans[key] = (units, None, n)
+            else:
+                self._index = self._index or shard_index(self.manifest)
+                plans, _ = stream_plan(self.manifest, self._index, segments, self.shape(), self.seed, epoch)
+                self._plans[key] = (*plans[self.rank], batches_left(plans, self.rank_batch))
+        return self._plans[key]
+
+    def num_batches(self, epoch, segments=()):
+        """Micro-batches of ``epoch`` per rank (with ``segments``: those they consumed plus the rest's)."""
+        return consumed(segments) + self._plan(epoch, list(segments))[2]
+
+    def epoch(self, epoch, skip=0, segments=()):
+        """Batches of ``epoch`` after the first ``skip`` of it (a resume); with ``segments`` (parts of the epoch
+        run on other stream shapes), the rest of the epoch's pairs, dealt to this stream's ranks."""
+        units, keep, n = self._plan(epoch, list(segments))
+        skip -= consumed(segments)
+        if n == 0 and not segments:
             raise DataError(
                 f"{self.manifest['path']}: {self.manifest['num_captions']} captions are fewer than one batch of "
                 f"{self.rank_batch} per rank x {self.world} ranks; lower train.batch_size"
             )
-        units = plan_epoch(self.manifest, epoch, self.seed, self.world)[self.rank]
         ds = PairStream(self.manifest, units, self.tokenizer, self.seed, epoch, self.rank,
-                        shuffle_buffer=self.shuffle_buffer, chunk=min(32, self.rank_batch), image_size=self.image_size)
+                        shuffle_buffer=self.shuffle_buffer, chunk=chunk_size(self.rank_batch), image_size=self.image_size,
+                        keep=keep, on_error=self.on_error)
         workers = min(self.num_workers, len(units))
-        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which a
-        # resumed run has just restored to mid-epoch: the draw would shift every later random op (exact resume).
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
-        dl = DataLoader(ds, batch_size=None, num_workers=workers, generator=gen,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
-        return _batches(iter(dl), self.rank_batch, n, skip, self.tokenizer.pad_id)
+
+        def stream():
+            # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, which a
+            # resumed run has just restored to mid-epoch: the draw would shift every later random op (exact resume).
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+            return iter(DataLoader(ds, batch_size=None, num_workers=workers, generator=gen,
+                                   prefetch_factor=4 if workers else None, persistent_workers=False))
+
+        return _batches(stream(), self.rank_batch, n, skip, self.tokenizer.pad_id, self.skipped,
+                        stream if self.on_error == "skip" else None)
 
 
-def _batches(chunks, size, n, skip, pad_id):
-    pending, have, made = [], 0, 0
+def _batches(chunks, size, n, skip, pad_id, skipped=None, again=None):
+    """Cut the chunk stream into ``n`` batches of ``size`` and yield those after the first ``skip``. Notes of
+    skipped samples go to ``skipped``; with ``again`` (``data.on_error=skip``) a stream that ends early starts
+    over (its first pairs repeat), so that every rank still makes ``n`` batches."""
+    if skip >= n:
+        return
+    pending, have, made, pairs = [], 0, 0, 0
     try:
-        for c in chunks:
-            while c is not None:
-                k = len(c["img_ids"])
-                if have + k <= size:
-                    pending.append(c)
-                    have += k
-                    c = None
-                else:
-                    head, c = _split_chunk(c, size - have)
-                    pending.append(head)
-                    have = size
-                if have == size:
-                    if made >= skip:
-                        yield _merge(pending, pad_id)
-                    made += 1
-                    pending, have = [], 0
-                    if made == n:
-                        return
+        while True:
+            for c in chunks:
+                if skipped is not None:
+                    skipped.extend(c.pop("skipped", []))
+                c = c if c.get("img_ids") is not None and len(c["img_ids"]) else None
+                pairs += len(c["img_ids"]) if c is not None else 0
+                while c is not None:
+                    k = len(c["img_ids"])
+                    if have + k <= size:
+                        pending.append(c)
+                        have += k
+                        c = None
+                    else:
+                        head, c = _split_chunk(c, size - have)
+                        pending.append(head)
+                        have = size
+                    if have == size:
+                        if made >= skip:
+                            yield _merge(pending, pad_id)
+                        made += 1
+                        pending, have = [], 0
+                        if made == n:
+                            return
+            if again is None or pairs == 0:
+                break
+            chunks, pairs = again(), 0
     finally:
         del chunks  # shuts the workers down when the consumer stops early
+    if again is not None:
+        raise DataError(f"every sample of this rank's shards was skipped as unreadable ({len(skipped or [])} notes)")
     raise DataError(f"the shard stream ended after {made} of {n} batches: shards changed since the manifest was written?")

@@ -103,11 +103,17 @@ def count_samples(path):
 
 
 def shard_paths(m):
+    """Where each shard is read from: beside the manifest, or at the remote root it was fetched from."""
+    if m.get("remote"):
+        from itr.data.remote import url_of
+
+        return [url_of(m["remote"], s["name"]) for s in m["shards"]]
     return [str(Path(m["root"]) / s["name"]) for s in m["shards"]]
 
 
-def verify_shards(m, mode="checksum", progress=False):
-    """Check every shard against the manifest; raise DataError naming the first bad file.
+def verify_shards(m, mode="checksum", progress=False, on_bad=None):
+    """Check every shard against the manifest; raise DataError naming the first bad file (with ``on_bad``, call
+    it with each bad file's message and go on).
 
     ``checksum`` hashes each file once and counts its samples against the manifest, and caches the result next
     to the manifest keyed by the file's size and mtime and the manifest's checksum and count: a changed file (or
@@ -125,31 +131,20 @@ def verify_shards(m, mode="checksum", progress=False):
     shards = m["shards"]
     it = shards
     if progress and mode == "checksum":
-        from tqdm import tqdm
+        from itr.progress import bar
 
-        it = tqdm(shards, desc=f"verify {m['split']} shards", unit="shard")
-    for s in it:
-        p = root / s["name"]
-        if not p.is_file():
-            raise DataError(f"shard {p} is missing (listed in {m['path']})")
-        st = p.stat()
-        if st.st_size != s["bytes"]:
-            raise DataError(f"shard {p} is corrupt or truncated: {st.st_size} bytes, manifest says {s['bytes']}")
-        if mode != "checksum":
-            continue
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        entry = [stamp, s["sha256"], s.get("num_images")]
-        if cache.get(s["name"]) == entry:
-            continue
-        digest = sha256_file(p)
-        if digest != s["sha256"]:
-            raise DataError(f"shard {p} is corrupt: sha256 {digest[:12]}... != manifest {s['sha256'][:12]}...")
-        found = count_samples(p)
-        if found != s.get("num_images"):
-            raise DataError(f"shard {p} holds {found} images but {m['path']} says {s.get('num_images')}: the manifest "
-                            f"was edited or belongs to other shards; rebuild the split with `itr shard`")
-        cache[s["name"]] = entry
-        changed = True
+        it = bar(shards, desc=f"verify {m['split']} shards", unit="shard")
+    if m.get("remote"):
+        from itr.data.remote import verify_remote as check
+    else:
+        check = _verify_one
+    for s, where in zip(it, shard_paths(m)):
+        try:
+            changed |= check(where, s, m, mode, cache)
+        except DataError as e:
+            if on_bad is None:
+                raise
+            on_bad(str(e))
     if changed:
         try:
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -157,6 +152,31 @@ def verify_shards(m, mode="checksum", progress=False):
             os.replace(tmp, cache_file)
         except OSError:
             pass  # a read-only shard directory just re-verifies next time
+
+
+def _verify_one(p, s, m, mode, cache):
+    """One shard against its manifest entry; True when it was hashed now (the cache changed)."""
+    p = Path(p)
+    if not p.is_file():
+        raise DataError(f"shard {p} is missing (listed in {m['path']})")
+    st = p.stat()
+    if st.st_size != s["bytes"]:
+        raise DataError(f"shard {p} is corrupt or truncated: {st.st_size} bytes, manifest says {s['bytes']}")
+    if mode != "checksum":
+        return False
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    entry = [stamp, s["sha256"], s.get("num_images")]
+    if cache.get(s["name"]) == entry:
+        return False
+    digest = sha256_file(p)
+    if digest != s["sha256"]:
+        raise DataError(f"shard {p} is corrupt: sha256 {digest[:12]}... != manifest {s['sha256'][:12]}...")
+    found = count_samples(p)
+    if found != s.get("num_images"):
+        raise DataError(f"shard {p} holds {found} images but {m['path']} says {s.get('num_images')}: the manifest "
+                        f"was edited or belongs to other shards; rebuild the split with `itr shard`")
+    cache[s["name"]] = entry
+    return True
 
 
 def manifest_digest(m):

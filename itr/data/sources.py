@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from itr.data import manifest as mf
+from itr.data.remote import fetch_meta, is_remote
 from itr.data.precomp import CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions
 
 
@@ -16,6 +17,9 @@ def cache_root() -> Path:
 
 
 def data_kind(root, split):
+    if is_remote(root):
+        fetch_meta(root, split, captions=False)  # a DataError naming the URL when the split is not there
+        return "shards"
     root = Path(root)
     if not root.exists():
         raise DataError(f"data directory {root} does not exist")
@@ -53,16 +57,28 @@ def ensure_shards(data_cfg, split, is_main=True, barrier=lambda: None, progress=
     else:
         out = resolve_path(data_cfg.shard_dir) if data_cfg.shard_dir else shard_cache_dir(root, data_cfg.dtype, data_cfg.images_per_shard)
         if is_main and not mf.is_shard_dir(out, split):
-            from shards.precomp import shard_precomp
+            from itr.shards.precomp import shard_precomp
 
             print(f"[itr] sharding {root} split {split!r} -> {out}", flush=True)
             shard_precomp(root, split, out, dtype=data_cfg.dtype, images_per_shard=data_cfg.images_per_shard,
                           force=True, progress=progress)
         barrier()
-    m = mf.load_manifest(out, split)
+    m = open_manifest(out, split)
     if is_main:
-        mf.verify_shards(m, data_cfg.verify, progress=progress)
+        skip = getattr(data_cfg, "on_error", "error") == "skip"
+        note = (lambda msg: print(f"[itr] data.on_error=skip: {msg}; its unreadable samples will be skipped",
+                                  flush=True)) if skip else None
+        mf.verify_shards(m, data_cfg.verify, progress=progress, on_bad=note)
     barrier()
+    return m
+
+
+def open_manifest(root, split):
+    """A split's manifest, from a shard directory or fetched from a remote root (itr/data/remote.py)."""
+    if not is_remote(root):
+        return mf.load_manifest(root, split)
+    m = mf.load_manifest(fetch_meta(root, split), split)
+    m["remote"] = root
     return m
 
 
@@ -80,7 +96,7 @@ def read_shard_split(root, split, verify="checksum", image_size=224) -> PrecompS
     Image shards are decoded with the evaluation transform (resize, center crop)."""
     import webdataset as wds
 
-    m = mf.load_manifest(root, split)
+    m = open_manifest(root, split)
     mf.verify_shards(m, verify)
     n = m["num_images"]
     pixels = m.get("kind") == "images"
@@ -135,9 +151,9 @@ def check_finite(feats, where, chunk=1024):
 def load_split(root, split, image_size=224, verify="checksum") -> PrecompSplit:
     """An evaluation split from a precomp directory or a shard directory (shards checked against their manifest:
     ``verify`` as ``data.verify``), its features checked finite."""
-    root = Path(root)
     if data_kind(root, split) == "shards":
         return read_shard_split(root, split, verify=verify, image_size=image_size)
+    root = Path(root)
     out = open_precomp(root, split)
     check_finite(out.images, out.files["ims"])
     return out

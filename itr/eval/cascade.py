@@ -55,7 +55,7 @@ def rerank(score_fn, img, cap, i2t_idx, t2i_idx, device="cpu", rank=0, world=1, 
     With ``pair_fn`` (a model's ``pair_score``: the score of image row p with caption row p) the
     (query, candidate) pairs of many queries go in one batched call of ~``pairs_per_call`` pairs;
     otherwise one ``score_fn`` call per query (1 x K or K x 1)."""
-    from tqdm import tqdm
+    from itr.progress import bar
 
     n, m = i2t_idx.shape[0], t2i_idx.shape[0]
     out_i2t = torch.zeros(i2t_idx.shape, dtype=torch.float32)
@@ -65,7 +65,7 @@ def rerank(score_fn, img, cap, i2t_idx, t2i_idx, device="cpu", rank=0, world=1, 
         k_max = max(i2t_idx.shape[1], t2i_idx.shape[1], 1)
         step = max(1, pairs_per_call // k_max)
         groups = [mine[a:a + step] for a in range(0, len(mine), step)]
-        for group in tqdm(groups, desc="rerank shortlists", disable=not progress, leave=False, unit="batch"):
+        for group in bar(groups, desc="rerank shortlists", enabled=progress, leave=False, unit="batch"):
             qi = torch.tensor([q for q in group if q < n], dtype=torch.long)
             qc = torch.tensor([q - n for q in group if q >= n], dtype=torch.long)
             if len(qi):  # image queries: the image repeated against each of its K candidates
@@ -77,7 +77,7 @@ def rerank(score_fn, img, cap, i2t_idx, t2i_idx, device="cpu", rank=0, world=1, 
                 s = pair_fn(take(img, t2i_idx[qc].reshape(-1), device), take(cap, qc.repeat_interleave(K), device))
                 out_t2i[qc] = s.float().cpu().view(len(qc), K)
     else:
-        for q in tqdm(mine, desc="rerank shortlists", disable=not progress, leave=False, unit="query"):
+        for q in bar(mine, desc="rerank shortlists", enabled=progress, leave=False, unit="query"):
             if q < n:
                 out_i2t[q] = score_fn(rows(img, q, q + 1, device), take(cap, i2t_idx[q], device)).float().cpu()[0]
             else:

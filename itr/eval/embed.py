@@ -21,9 +21,9 @@ def _float(out):
 
 
 def _progress(total, desc, enabled):
-    from tqdm import tqdm
+    from itr.progress import bar
 
-    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False)
+    return bar(total=total, desc=desc, unit="batch", enabled=enabled, leave=False)
 
 
 def _dealt(n, batch_size, rank, world):

@@ -22,6 +22,25 @@ def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, worl
                             world, progress, topk, save_sims, state, state_every)
 
 
+def final_test(recipe, out, device, rank, world):
+    """Evaluate DIR/best on the test split (every rank embeds a slice), if the data has one."""
+    from itr import checkpoint as ckpt
+    from itr.data.sources import data_kind, data_root, load_split
+    from itr.errors import DataError
+
+    root = data_root(recipe)
+    try:
+        data_kind(root, recipe.data.test_split)
+    except DataError:
+        if rank == 0:
+            print(f"[itr] no {recipe.data.test_split!r} split in {root}: skipping the test evaluation", flush=True)
+        return None
+    model, tokenizer, _, _ = ckpt.load_for_eval(out / "best", device)
+    split = load_split(root, recipe.data.test_split, recipe.data.image_size, verify=recipe.data.verify)
+    metrics, _ = evaluate_model(model, split, tokenizer, recipe.eval, device, rank, world)
+    return metrics
+
+
 def score_embeddings(score_fn, img, cap, protocol, chunk, device="cpu", rank=0, world=1, progress=False, topk=0,
                      save_sims=None, state=None, state_every=300.0):
     """The streamed scoring of embedded images and captions (see ``evaluate_model``). With a state folder, SIGTERM

@@ -40,10 +40,10 @@ def similarity_matrix(score_fn, img_emb, cap_emb, chunk=1024, device="cpu", prog
     grid = tile_grid(n, m, chunk)
     mine = grid[rank::world]
     calls = -(-len(grid) // world)
-    from tqdm import tqdm
+    from itr.progress import bar
 
     blocks = []
-    for t in tqdm(range(calls), desc="similarity tiles", disable=not progress or calls < 4, leave=False):
+    for t in bar(range(calls), desc="similarity tiles", enabled=progress and calls >= 4, leave=False):
         if t < len(mine):
             i0, i1, j0, j1 = mine[t]
             blocks.append(score_fn(rows(img_emb, i0, i1, device), rows(cap_emb, j0, j1, device)).float().cpu())

@@ -66,13 +66,13 @@ class Streamer:
         """``fn(index, tile, scores)`` for this rank's share of ``tiles``, in step with the other ranks: every rank
         makes the same number of score calls (ZeRO-3 gathers parameters inside them). ``stop()``, asked after
         every call on every rank alike, ends the loop early (returns True then)."""
-        from tqdm import tqdm
+        from itr.progress import bar as progress_bar
 
         mine = [(i, t) for i, t in enumerate(tiles) if i % self.world == self.rank]
         calls = -(-len(tiles) // self.world)
         pairs = sum((t[1] - t[0]) * (t[3] - t[2]) for t in tiles)
-        bar = tqdm(total=pairs, desc=desc, unit="pair", unit_scale=True, leave=False,
-                   disable=not self.progress or calls < 2)
+        bar = progress_bar(total=pairs, desc=desc, unit="pair", unit_scale=True, leave=False,
+                           enabled=self.progress and calls >= 2)
         for c in range(calls):
             if c < len(mine) and mine[c][0] not in skip:
                 i, t = mine[c]

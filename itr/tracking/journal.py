@@ -29,7 +29,7 @@ class Journal:
 
 def read_journal(path):
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():  # see itr.logs
         line = line.strip()
         if not line:
             continue

@@ -1,5 +1,6 @@
 """What a run records besides its metrics: git state, package versions, how it was launched, memory,
 and the key names (params from the recipe, metric prefixes of an evaluation). No MLflow here."""
+import importlib
 import math
 import os
 import platform
@@ -60,10 +61,8 @@ def package_versions(names=PACKAGES):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            if name == "itr":
-                import itr
-
-                out[name] = itr.__version__
+            if name in ("itr", "mlflow"):  # a checkout on PYTHONPATH; mlflow-skinny (the same package, another name)
+                out[name] = importlib.import_module(name).__version__
     return out
 
 

@@ -209,7 +209,19 @@ def ui_hint(uri, experiment_id=None, run_id=None):
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{path}"
     exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000{path}"
+    need = "" if _has_server() else "pip install 'itr[server]' (the MLflow UI), then "
+    return f"{need}{exe} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000{path}"
+
+
+def _has_server():
+    """The full mlflow distribution (UI, server) is installed, not only mlflow-skinny, itr's requirement."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("mlflow")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def checkpoint_limit_mb(value=None):

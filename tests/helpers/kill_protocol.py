@@ -21,6 +21,7 @@ import torch._dynamo  # noqa: E402,F401
 import transformers.integrations.deepspeed  # noqa: E402,F401
 
 from itr.config import load_recipe  # noqa: E402
+from itr.logs import read_log  # noqa: E402
 from itr.train import train  # noqa: E402
 
 RECOVERY = {"last: old moved aside": "last: recovered", "best: old moved aside": "best: recovered"}
@@ -65,7 +66,7 @@ def main(recipe_path, work, *overrides, prefixes=("",)):
     work.mkdir(parents=True, exist_ok=True)
     trace = work / "trace.txt"
     _, status = os.waitpid(start(recipe_path, overrides, work / "ref", trace=trace), 0)
-    assert ended(status) == "ok", (work / "ref.log").read_text()[-3000:]
+    assert ended(status) == "ok", read_log(work / "ref.log", tail=3000)
     points = [p for p in dict.fromkeys(trace.read_text().split("\n"))
               if p and not p.startswith("step ") and p.startswith(tuple(prefixes))]
     counts = {p: trace.read_text().split("\n").count(p) for p in points}
