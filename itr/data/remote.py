@@ -39,31 +39,9 @@ def read_url(url) -> bytes:
         raise DataError(f"cannot read {url} ({type(e).__name__}: {e})") from None
 
 
-def cache_dir(root, split):
-    from itr.data.sources import cache_root
-
-    return cache_root() / "remote" / hashlib.sha256(f"{root}|{split}".encode()).hexdigest()[:16]
-
-
-def fetch_meta(root, split, captions=True):
-    """The split's manifest (and captions sidecar) from ``root`` into a local cache folder; that folder."""
-    import json
-
-    from itr.data.manifest import captions_path, manifest_path, safe_name
-
-    out = cache_dir(root, split)
-    out.mkdir(parents=True, exist_ok=True)
-    name = manifest_path("", split).name
-    body = read_url(url_of(root, name))
-    _write(out / name, body)
-    if captions:
-        try:
-            caps = json.loads(body).get("captions_file") or captions_path("", split).name
-        except (ValueError, AttributeError):
-            caps = None  # load_manifest says what is wrong with it
-        if caps:
-            _write(out / caps, read_url(url_of(root, safe_name(caps, "captions_file", url_of(root, name)))))
-    return out
+def fetch(url, path):
+    """``url`` into the local file ``path``, atomically (several ranks may fetch the same small file)."""
+    _write(Path(path), read_url(url))
 
 
 def _write(path, data):

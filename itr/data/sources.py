@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from itr.data import manifest as mf
-from itr.data.remote import fetch_meta, is_remote
+from itr.data.remote import fetch, is_remote, url_of
 from itr.data.precomp import CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions
 
 
@@ -80,6 +80,22 @@ def open_manifest(root, split):
     m = mf.load_manifest(fetch_meta(root, split), split)
     m["remote"] = root
     return m
+
+
+def fetch_meta(root, split, captions=True):
+    """A remote split's manifest (and captions sidecar) into a local cache folder; that folder."""
+    out = cache_root() / "remote" / hashlib.sha256(f"{root}|{split}".encode()).hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    name = mf.manifest_path("", split).name
+    fetch(url_of(root, name), out / name)
+    if captions:
+        try:
+            caps = json.loads((out / name).read_text()).get("captions_file") or mf.captions_path("", split).name
+        except (ValueError, AttributeError):
+            caps = None  # load_manifest says what is wrong with it
+        if caps:
+            fetch(url_of(root, mf.safe_name(caps, "captions_file", url_of(root, name))), out / caps)
+    return out
 
 
 def split_captions(manifest):
