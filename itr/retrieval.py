@@ -29,7 +29,7 @@ def _report(a):
 
     run_eval(EvalRequest(a.checkpoint, a.data, a.split, protocol=a.protocol, device=a.device, report=a.out,
                          report_queries=a.queries, report_images=a.images, log_to_run=a.log_to_run,
-                         tracking_uri=a.tracking_uri))
+                         tracking_uri=a.tracking_uri, json_out=a.json))
     if a.serve is not None:
         from itr.report import serve
 
@@ -86,6 +86,7 @@ def add_parsers(sub):
     r.add_argument("--images", metavar="DIR", help="the split's image files, named by their ids (thumbnails of "
                                                    "feature datasets)")
     r.add_argument("--protocol", choices=["1k", "coco-5fold", "5k"])
+    r.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
     r.add_argument("--device", help="cpu or cuda")
     r.add_argument("--log-to-run", metavar="RUN_ID", help="MLflow: add the metrics and the page to this run")
     r.add_argument("--tracking-uri", help="MLflow tracking URI")
