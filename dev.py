@@ -14,6 +14,7 @@ ITR_TORCH_SPEC): an importable torch is kept as it is.
 """
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,22 @@ def ensure_env():
     has_torch = subprocess.run([PY, "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch:
         sh(*pip, TORCH_SPEC)
-    sh(*pip, "-e", f"{ROOT}[dev,deepspeed,slurm,server]")
+    sh(*pip, "-e", f"{ROOT}[dev,deepspeed,slurm,server,faiss]")
     sh(*pip, "--no-deps", *EXTRA_NO_DEPS)
     STAMP.write_text(digest + "\n")
+
+
+def ensure_chromium():
+    """Debian's chromium for the test that photographs the MLflow run page (tests/test_tracking_server.py);
+    installed only as root and only when missing (CI runs as root; a failed install fails that test)."""
+    if Path("/usr/bin/chromium").exists() or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    apt = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        sh("apt-get", "update", "-qq", env=apt)
+        sh("apt-get", "install", "-y", "-qq", "chromium", env=apt)
+    except subprocess.CalledProcessError as e:
+        print(f"dev.py: installing chromium failed ({e}); the run-page screenshot test will fail", flush=True)
 
 
 def env():
@@ -75,6 +89,7 @@ def main(argv):
         return 0
     if cmd == "demo":
         return subprocess.run([PY, "-m", "itr", "demo", *rest], env=env(), cwd=ROOT).returncode
+    ensure_chromium()
     return subprocess.run([PY, "-m", "pytest", *rest], env=env(), cwd=ROOT).returncode
 
 
