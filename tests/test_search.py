@@ -231,3 +231,68 @@ def test_the_command_line_prints_an_error_in_one_line(retrieval, tmp_path):
     p = run_itr("search", tmp_path / "idx", "--image", "nope", check=False)
     assert p.returncode == 2 and p.stderr.strip().startswith("itr search: error: image id 'nope' is not in")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- raw images
+
+
+@pytest.fixture(scope="module")
+def raw_image_index(tiny_bert, tmp_path_factory):
+    """A tiny sentence_matcher (raw pixels, a BERT text encoder) trained 1 epoch on 80 of the real Flickr8k JPEGs,
+    and its index of the other 20."""
+    from conftest import F8K, F8K_IMAGES
+    from itr.config import load_recipe
+    from itr.shards.images import shard_images
+    from itr.train import train
+
+    if not (F8K_IMAGES / "ids.txt").is_file():
+        pytest.skip(f"real Flickr8k images not found at {F8K_IMAGES} (../shared/data beside the checkout; CI has it)")
+    base = tmp_path_factory.mktemp("raw_index")
+    ids = (F8K_IMAGES / "ids.txt").read_text().split()
+    caps = (F8K / "dev_caps.txt").read_text().splitlines()
+    images = [{"filename": f, "imgid": i, "split": "test" if i < 20 else "train",
+               "sentences": [{"raw": c} for c in caps[5 * i:5 * i + 5]]} for i, f in enumerate(ids)]
+    (base / "f8k.json").write_text(json.dumps({"images": images}))
+    for split in ("train", "test"):
+        shard_images(base / "f8k.json", F8K_IMAGES, split, base / "shards", images_per_shard=40, progress=False)
+    from transformers import BertTokenizerFast
+
+    from helpers.retrieval import ROOT
+
+    # conftest's tiny_bert passes vocab_file=, which transformers 5 ignores (a 5-token vocabulary: every word
+    # [UNK]); the positional argument is the vocabulary in transformers 4 and 5
+    bert = base / "bert"
+    shutil.copytree(tiny_bert, bert)
+    BertTokenizerFast(str(bert / "vocab.txt"), do_lower_case=True).save_pretrained(bert)
+    recipe = load_recipe(ROOT / "recipes" / "f8k" / "sentence_matcher_images.yaml", [
+        f"data.root={base / 'shards'}", f"model.text.path={bert}", "model.embed_dim=32", "model.mlp_dim=64",
+        "model.image.hidden_sizes=[8, 16]", "model.image.embedding_size=8", "data.image_size=32",
+        "data.num_workers=0", "data.shuffle_buffer=100", "train.epochs=1", "train.batch_size=40",
+        "train.log_every=5", "tracking.enabled=false"])
+    train(recipe, base / "run")
+    build_index(IndexRequest(base / "run" / "best", base / "shards", "test", base / "idx"))
+    return base / "idx", ids[:20]
+
+
+@pytest.mark.slow
+def test_image_file_of_a_raw_image_model_searches_like_its_indexed_image(raw_image_index):
+    """``--image-file`` embeds a picture through the evaluation's transform: the JPEG of an indexed image finds
+    the captions its indexed copy finds, with the same scores."""
+    from conftest import F8K_IMAGES
+
+    idx, ids = raw_image_index
+    assert Index(idx).image_ids == ids  # the images' ids as the dataset names them: their file names
+    (by_id,) = run_search(SearchRequest(idx, image=ids[3], k=10))
+    (by_file,) = run_search(SearchRequest(idx, image_file=F8K_IMAGES / ids[3], k=10))
+    assert [r["caption_row"] for r in by_file["results"]] == [r["caption_row"] for r in by_id["results"]]
+    np.testing.assert_allclose([r["score"] for r in by_file["results"]], [r["score"] for r in by_id["results"]],
+                               rtol=1e-4, atol=1e-5)
+    (text,) = run_search(SearchRequest(idx, ("a dog runs on the beach",), k=3))
+    assert text["direction"] == "text->image" and len(text["results"]) == 3
+    bad = idx.parent / "not_a_picture.jpg"
+    bad.write_bytes(b"GIF89a, not a JPEG at all")
+    with pytest.raises(DataError, match="not_a_picture.jpg is not a readable image"):
+        run_search(SearchRequest(idx, image_file=bad))
+    # the tiny BERT's whole-word vocabulary (the synthetic captions' English words) reads none of these: [UNK]
+    with pytest.raises(DataError, match="tokenizer cannot read the query 'ein Hund läuft am Strand'"):
+        run_search(SearchRequest(idx, ("ein Hund läuft am Strand",)))
