@@ -105,8 +105,13 @@ def _queries(req, index, model, tok, recipe, short):
     return "captions", full, glob, [{"image_file": str(req.image_file)}]
 
 
+def _device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _oriented(score_fn, side, gallery, query):
-    """(queries, gallery rows) scores: ``score`` takes (images, captions)."""
+    """(queries, gallery rows) scores: ``score`` takes (images, captions), both on the model's device."""
     if side == "images":
         return score_fn(gallery, query).float().t().cpu().numpy()
     return score_fn(query, gallery).float().cpu().numpy()
@@ -120,10 +125,11 @@ def _reranked(model, side, g_full, q_full, idx):
     safe = np.where(valid, idx, np.maximum(idx[:, :1], 0))
     cand, empty = torch.from_numpy(safe), torch.zeros((0, 1), dtype=torch.long)
     pair = getattr(model, "pair_score", None)
+    dev = _device(model)
     if side == "images":
-        _, s = rerank(model.score, g_full, q_full, empty, cand, pair_fn=pair)
+        _, s = rerank(model.score, g_full, q_full, empty, cand, dev, pair_fn=pair)
     else:
-        s, _ = rerank(model.score, q_full, g_full, cand, empty, pair_fn=pair)
+        s, _ = rerank(model.score, q_full, g_full, cand, empty, dev, pair_fn=pair)
     return np.where(valid, s.numpy(), -np.inf).astype(np.float32)
 
 
@@ -136,7 +142,9 @@ def ranked(index, model, side, q_full, q_glob, k, rerank_k=100, exact=False):
     g_full, g_glob = index.embeddings(side)
     n, name, src = num_rows(g_full), index.manifest["model"], index.source
     if src is None:
-        s, i = scored_topk(lambda lo, hi: _oriented(model.score, side, rows(g_full, lo, hi), q_full), n, k, 1024)
+        dev = _device(model)
+        q_dev = rows(q_full, 0, num_rows(q_full), dev)
+        s, i = scored_topk(lambda lo, hi: _oriented(model.score, side, rows(g_full, lo, hi, dev), q_dev), n, k, 1024)
         return s, i, f"every one of the {n} {side} scored by {name}"
     kk = k if src == "self" else max(k, rerank_k)
     fi = None if exact else index.faiss_index(side)

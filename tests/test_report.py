@@ -203,3 +203,35 @@ def test_serve_answers_on_localhost(scan_page):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_alignment_panels_are_the_models_own_word_region_weights(retrieval):  # noqa: F811
+    """SCAN's attention (each word's softmax over the regions) and TGDT's scaled region-word products, one panel
+    per caption word in order, every region's box drawn, the strongest outlined."""
+    import torch
+
+    from itr.checkpoint import load_for_eval
+    from itr.data.sources import load_split
+    from itr.eval.embed import embed_split
+    from itr.eval.scores import rows
+    from itr.report import ReportInputs
+    from itr.report.align import figure
+
+    data, ckpt = retrieval
+    split = load_split(data, "test")
+    words = [w for w in re.findall(r"[\w]+|,", split.captions[15].lower())]
+    for name in ("scan", "tgdt"):
+        model, tok, _, _ = load_for_eval(ckpt(name))
+        img, cap = embed_split(model, split, tok)
+        w = model.alignment(rows(img, 3, 4), rows(cap, 15, 16))["weights"]
+        if name == "scan":  # t2i: every word's attention over the 4 regions sums to 1
+            assert w.shape[1] == 4 and torch.allclose(w.sum(1), torch.ones(w.shape[0]), atol=1e-5)
+        else:
+            want = model.cfg.local_scale * cap["words"][15, :int(cap["lens"][15])] @ \
+                img["regions"][3, :int(img["lens"][3])].t()
+            torch.testing.assert_close(w, want)
+        fig = figure(ReportInputs(model, tok, split, img, cap, {}, [], "1k", {}), 3, 15, None, "with its ground truth")
+        labels = re.findall(r"<figcaption>(.*?) <span", fig["html"])
+        assert labels == words[:12], (name, labels, words)
+        panels = fig["html"].split('<figure class="word">')[1:]
+        assert all(p.count("<rect ") == 1 + 4 and p.count('stroke="#d00"') == 1 for p in panels)

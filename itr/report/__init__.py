@@ -67,13 +67,13 @@ def sample_queries(ranks, n, seed=0):
 
 @torch.no_grad()
 def _score(model, img, cap, i, js):
-    """Scores of image ``i`` with captions ``js``."""
-    return model.score(rows(img, i, i + 1), _take(cap, js))[0].float().cpu().numpy()
+    """Scores of image ``i`` with captions ``js`` (on the model's device)."""
+    from itr.eval.cascade import take
 
-
-def _take(emb, idx):
-    idx = torch.as_tensor(idx, dtype=torch.long)
-    return {k: v[idx] for k, v in emb.items()} if isinstance(emb, dict) else emb[idx]
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else "cpu"
+    idx = torch.as_tensor(js, dtype=torch.long)
+    return model.score(rows(img, i, i + 1, dev), take(cap, idx, dev))[0].float().cpu().numpy()
 
 
 class _Page:

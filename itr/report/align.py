@@ -52,7 +52,9 @@ def figure(inputs, i, j, thumb, title):
     model, split = inputs.model, inputs.split
     if not hasattr(model, "alignment") or split.boxes is None:
         return None
-    a = model.alignment(rows(inputs.img, i, i + 1), rows(inputs.cap, j, j + 1))
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else "cpu"
+    a = model.alignment(rows(inputs.img, i, i + 1, dev), rows(inputs.cap, j, j + 1, dev))
     weights = a["weights"].float().cpu().numpy()
     boxes = np.asarray(split.boxes[i], np.float32)
     if boxes.shape[0] != weights.shape[1]:
