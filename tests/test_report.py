@@ -230,6 +230,9 @@ def test_alignment_panels_are_the_models_own_word_region_weights(retrieval):  # 
             want = model.cfg.local_scale * cap["words"][15, :int(cap["lens"][15])] @ \
                 img["regions"][3, :int(img["lens"][3])].t()
             torch.testing.assert_close(w, want)
+            # what is drawn is what is scored: the local score sums each word's best region
+            local = model.local_score(rows(img, 3, 4), rows(cap, 15, 16))[0, 0]
+            torch.testing.assert_close(w.max(1).values.sum(), local, rtol=1e-5, atol=1e-5)
         fig = figure(ReportInputs(model, tok, split, img, cap, {}, [], "1k", {}), 3, 15, None, "with its ground truth")
         labels = re.findall(r"<figcaption>(.*?) <span", fig["html"])
         assert labels == words[:12], (name, labels, words)
