@@ -90,7 +90,9 @@ def main(argv):
     if cmd == "demo":
         return subprocess.run([PY, "-m", "itr", "demo", *rest], env=env(), cwd=ROOT).returncode
     ensure_chromium()
-    return subprocess.run([PY, "-m", "pytest", *rest], env=env(), cwd=ROOT).returncode
+    test_env = env()
+    test_env.setdefault("ITR_TEST_ARTIFACTS", str(ROOT / "test-artifacts"))  # what tests keep (the run-page screenshot)
+    return subprocess.run([PY, "-m", "pytest", *rest], env=test_env, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 import torch
 
 from gpu_check import ROOT
+from gpu_extract import extract_section
 from gpu_common import (caption_lengths, compare_runs, launch, make_batches, peak_gib, reset_peak, step_recipe,
                         synthetic_data, sync, tiny_bert, train_steps)
 
@@ -289,4 +290,5 @@ def global_ranks(s):
 
 
 SECTIONS = [("env", env, 20), ("steps", steps, 60), ("throughput", throughput, 60), ("eval_job", eval_job, 50),
-            ("scan_scale", scan_scale, 110), ("deepspeed", deepspeed, 150), ("global_ranks", global_ranks, 80)]
+            ("scan_scale", scan_scale, 110), ("deepspeed", deepspeed, 150), ("global_ranks", global_ranks, 80),
+            ("extract", extract_section, 60)]

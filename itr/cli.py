@@ -14,12 +14,12 @@ def _train(a):
 
 
 def _shard(a):
-    from itr.shards.precomp import shard_precomp
+    from itr.shards.cli import said
+    from itr.shards.precomp import shard_precomp_splits
 
-    m = shard_precomp(a.data_dir, a.split, a.out_dir, dtype=a.dtype, images_per_shard=a.images_per_shard,
-                      seed=a.seed, shuffle=not a.no_shuffle, force=a.force)
-    print(f"wrote {len(m['shards'])} shard(s): {m['num_images']} images, {m['num_captions']} captions, "
-          f"features {m['feature_shape']} {m['dtype']} -> {a.out_dir}/{a.split}.manifest.json")
+    for m in shard_precomp_splits(a.data_dir, a.split, a.out_dir, dtype=a.dtype, images_per_shard=a.images_per_shard,
+                                  seed=a.seed, shuffle=not a.no_shuffle, force=a.force, workers=a.workers):
+        said(m, a.out_dir)
 
 
 def _shard_images(a):
@@ -117,6 +117,11 @@ def _config(a):
     from itr.config import describe, load_recipe
 
     recipe = load_recipe(a.recipe, a.overrides)
+    if a.yaml:
+        from itr.recipe_yaml import dump_recipe
+
+        print(dump_recipe(recipe, a.recipe), end="")
+        return
     print("\n".join(describe(values=recipe)))
 
 
@@ -136,9 +141,14 @@ def parser():
     add_retrieval_parsers(sub)
 
     add_submit_parser(sub).set_defaults(fn=_submit)
+    from itr.shards.extract import add_parser as add_extract_parser, run_cli as extract_cli
+
+    add_extract_parser(sub).set_defaults(fn=extract_cli)
     c = sub.add_parser("config", help="print every recipe key with its value and meaning")
     c.add_argument("recipe", nargs="?")
     c.add_argument("overrides", nargs="*")
+    c.add_argument("--yaml", action="store_true", help="print a complete recipe (every default filled in, the values "
+                                                       "that differ from the defaults marked) to save and edit")
     c.set_defaults(fn=_config)
     r = sub.add_parser("recipes", help="list (ls) or copy (cp NAME DEST) the bundled recipes, launch configs and "
                                        "sbatch files")
@@ -163,18 +173,20 @@ def _shard_order_args(sp, order):
     sp.add_argument("--images-per-shard", type=int, default=1000)
     sp.add_argument("--seed", type=int, default=0, help="seed of the image order across shards")
     sp.add_argument("--no-shuffle", action="store_true", help=f"keep the {order} image order")
-    sp.add_argument("--force", action="store_true", help="rebuild a split that already has a manifest")
+    sp.add_argument("--force", action="store_true", help="rebuild a split made from other input or options (a rerun "
+                                                         "of the same keeps its verified shards)")
 
 
 def _add_shard(sub):
+    from itr.shards.cli import add_parsers, common_args
+
     s = sub.add_parser("shard", help="build WebDataset shards from a research data format")
     ssub = s.add_subparsers(dest="format", required=True)
     sp = ssub.add_parser("precomp", help="SCAN precomp split ({split}_ims.npy + {split}_caps.txt) -> shards")
     sp.add_argument("data_dir")
-    sp.add_argument("split")
+    sp.add_argument("split", help="a split, several (train,dev,test,testall) or all (every {split}_caps.txt)")
     sp.add_argument("out_dir")
-    sp.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
-    _shard_order_args(sp, "source")
+    common_args(sp)
     sp.set_defaults(fn=_shard)
     si = ssub.add_parser("images", help="captions JSON (Karpathy or COCO) + image folder -> shards of JPEG bytes")
     si.add_argument("captions_json")
@@ -183,6 +195,7 @@ def _add_shard(sub):
     si.add_argument("out_dir")
     _shard_order_args(si, "file's")
     si.set_defaults(fn=_shard_images)
+    add_parsers(ssub)
 
 
 def _add_eval(sub):

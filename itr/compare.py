@@ -1,10 +1,11 @@
 """``itr compare``: MLflow runs side by side, best rsum first, as a table, CSV, Markdown and a plot.
 
-Which numbers: ``--metric P`` compares the metrics ``P_rsum``, ``P_i2t_R1``, ...; the default takes
-``test_*`` (what a training logs for its test split) and, for a run without them, its one other
-``*_rsum`` family (an evaluation run of ``itr eval --log-run``, e.g. ``test_1k_*``), else the
-best dev epoch. The plot shows the compared rsum per run as bars and the dev rsum over epochs
-(``dev_rsum``'s history) as lines.
+Which numbers: ``--metric P`` compares the family ``P/rsum``, ``P/i2t_R1``, ...; the default takes
+``test/*`` (a training's test split, or an evaluation run of the recipe's protocol) and, for a run without
+them, its one other family (e.g. ``test_5k/*``), else the best dev evaluation. The plot shows the compared
+rsum per run as bars and the dev rsum over epochs as lines. Runs logged with the names before the prefixes
+(``test_rsum``, ``dev_rsum`` per epoch) compare alike (``itr.tracking.names``); a sweep's own run (the parent
+of its members) is not a row.
 """
 import csv as csv_module
 import math
@@ -27,12 +28,12 @@ class CompareError(ItrError):
 
 
 def _prefix_of(metrics, wanted):
+    from itr.tracking.names import families
+
     if wanted:
-        return wanted.rstrip("_")
-    if "test_rsum" in metrics:
-        return "test"
-    others = sorted(k[:-len("_rsum")] for k in metrics if k.endswith("_rsum") and not k.startswith("dev_"))
-    return others[0] if others else None
+        return wanted.rstrip("_/")
+    found = families(metrics)
+    return "test" if "test" in found else (found[0] if found else None)
 
 
 def _history(client, run_id, key):
@@ -42,35 +43,63 @@ def _history(client, run_id, key):
         return []
 
 
+def _dev(client, run_id):
+    """[(epoch, rsum, step)] of a run's dev evaluations: ``dev/rsum`` at optimizer steps with ``dev/epoch``, or
+    (runs logged before the prefixes) ``dev_rsum`` at step = epoch."""
+    from itr.tracking.names import history_keys
+
+    for key in history_keys("dev/rsum"):
+        h = _history(client, run_id, key)
+        if h and key == "dev/rsum":
+            epochs = dict(_history(client, run_id, "dev/epoch"))
+            return [(int(epochs.get(step, i + 1)), v, step) for i, (step, v) in enumerate(h)]
+        if h:
+            return [(step, v, step) for step, v in h]
+    return []
+
+
+def _dev_value(client, run_id, name, step):
+    from itr.tracking.names import history_keys
+
+    for key in history_keys(f"dev/{name}"):
+        h = dict(_history(client, run_id, key))
+        if step in h:
+            return h[step]
+    return None
+
+
 def run_row(client, run, metric=None):
     """One table row of ``run`` plus its dev rsum history [(epoch, rsum)]."""
-    m, tags, params = run.data.metrics, run.data.tags, run.data.params
-    dev = _history(client, run.info.run_id, "dev_rsum")
+    from itr.tracking.names import normalize
+
+    m, tags, params = normalize(run.data.metrics), run.data.tags, run.data.params
+    evals = _dev(client, run.info.run_id)
+    dev = [(e, v) for e, v, _ in evals]
     prefix = _prefix_of(m, metric)
     row = {"run": run.info.run_name or run.info.run_id[:8], "run_id": run.info.run_id,
            "model": tags.get("model") or params.get("model.name", ""), "dataset": tags.get("dataset", ""),
            "sweep": tags.get("sweep", ""), "status": run.info.status}
-    if prefix is not None and f"{prefix}_rsum" in m:
+    if prefix is not None and f"{prefix}/rsum" in m:
         row["metric"] = prefix
-        row["rsum"] = m[f"{prefix}_rsum"]
-        row.update({k: m.get(f"{prefix}_{k}") for k in RECALLS})
-    elif dev:  # no test metrics: the best dev epoch
-        best_epoch, best = max(dev, key=lambda x: x[1])
+        row["rsum"] = m[f"{prefix}/rsum"]
+        row.update({k: m.get(f"{prefix}/{k}") for k in RECALLS})
+    elif evals:  # no test metrics: the best dev evaluation
+        best_epoch, best, step = max(evals, key=lambda x: x[1])
         row["metric"] = f"dev (epoch {best_epoch})"
         row["rsum"] = best
         for k in RECALLS:
-            row[k] = dict(_history(client, run.info.run_id, f"dev_{k}")).get(best_epoch)
+            row[k] = _dev_value(client, run.info.run_id, k, step)
     else:
         row.update({"metric": "", "rsum": None, **{k: None for k in RECALLS}})
     if dev:
         row["epochs"] = max(e for e, _ in dev)
     elif tags.get("trained_epochs", "").isdigit():
         row["epochs"] = int(tags["trained_epochs"])
-    elif "epochs_completed" in m:
-        row["epochs"] = int(m["epochs_completed"])
+    elif "train/epochs_completed" in m:
+        row["epochs"] = int(m["train/epochs_completed"])
     else:
         row["epochs"] = int(params["train.epochs"]) if params.get("train.epochs", "").isdigit() else None
-    row["samples_per_sec"] = m.get("train_samples_per_sec", m.get("samples_per_sec"))
+    row["samples_per_sec"] = m.get("train/samples_per_sec_mean", m.get("train/samples_per_sec"))
     if row["samples_per_sec"] is not None and math.isnan(row["samples_per_sec"]):
         row["samples_per_sec"] = None
     end = run.info.end_time or (int(time.time() * 1000) if run.info.status == "RUNNING" else None)
@@ -98,9 +127,10 @@ def fetch_runs(client, experiment=None, filter_string=None, run_ids=None, max_ru
         raise CompareError(f"no MLflow experiment {name!r} at {client.tracking_uri}; experiments there: "
                            f"{', '.join(names) or 'none'}")
     try:
-        return client.search_runs([exp.experiment_id], filter_string or "", max_results=max_runs)
+        runs = client.search_runs([exp.experiment_id], filter_string or "", max_results=max_runs)
     except MlflowException as e:
         raise CompareError(f"--filter {filter_string!r}: {e.message}") from None
+    return [r for r in runs if r.data.tags.get("itr.kind") != "sweep"]  # a sweep's run holds no results
 
 
 def _fmt(key, v):
@@ -161,10 +191,11 @@ def write_csv(rows, path):
 def compare(experiment=None, filter_string=None, run_ids=None, tracking_uri=None, csv=None, markdown=None, plot=None,
             metric=None, max_runs=200, out=None):
     """Print the comparison table of the selected runs (best rsum first); write CSV / Markdown / plot."""
-    from itr.tracking import connect, resolve_uri
+    from itr.tracking import connect, resolve_uri, ui_hint
 
     out = out or sys.stdout
-    client = connect(resolve_uri(tracking_uri))
+    uri = resolve_uri(tracking_uri)
+    client = connect(uri)
     runs = fetch_runs(client, experiment, filter_string, run_ids, max_runs)
     if not runs:
         raise CompareError(f"no runs matched (experiment {experiment or 'itr'}"
@@ -177,6 +208,7 @@ def compare(experiment=None, filter_string=None, run_ids=None, tracking_uri=None
         r["label"] = r["run"] if r["run"] not in labels else f"{r['run']} ({r['run_id'][:6]})"
         labels[r["label"]] = True
     print(format_table(rows), file=out)
+    print(f"in the MLflow UI: {ui_hint(uri, compare=[(r.info.experiment_id, r.info.run_id) for r in runs])}", file=out)
     if csv:
         write_csv(rows, csv)
         print(f"wrote {csv}", file=out)

@@ -16,6 +16,7 @@ import yaml
 
 from itr.errors import ConfigError  # noqa: F401  (re-exported)
 from itr.modules.losses import LossConfig
+from itr.recipe_yaml import load_yaml
 from itr.schema import Component, build_section, component, param, to_dict
 from itr.schema import describe as describe_cls
 from itr.schema import flatten, resolve_path  # noqa: F401  (re-exported)
@@ -122,7 +123,7 @@ def parse_override(text):
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
-    return key, yaml.safe_load(value) if value.strip() else ""
+    return key, load_yaml(value) if value.strip() else ""
 
 
 def apply_override(raw, key, value):
@@ -149,7 +150,7 @@ def load_recipe(path=None, overrides=(), raw=None) -> "Recipe":
             if not p.is_file():
                 raise ConfigError(f"recipe {path} does not exist")
             try:
-                raw = yaml.safe_load(p.read_text()) or {}
+                raw = load_yaml(p.read_text()) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
             if not isinstance(raw, dict):

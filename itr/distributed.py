@@ -13,13 +13,16 @@ import torch.distributed as dist
 
 
 from itr.errors import LaunchError  # noqa: F401  (re-exported)
+from itr.launcher import deepspeed_config_path, fill_deepspeed_config  # noqa: F401  (re-exported)
 
 
 def make_accelerator(grad_accum=1, deepspeed_config=None, cpu=None):
     """An Accelerator for DDP (or one process), or for DeepSpeed when ``deepspeed_config`` is a dict.
 
     Mixed precision is not accelerate's job here (see ``itr.precision``): accelerate silently
-    runs fp16 in fp32 on a CPU. Under DeepSpeed, precision lives in the DeepSpeed config.
+    runs fp16 in fp32 on a CPU, and its own autocast and loss scaler would come on top of ours. So it is
+    told ``no`` explicitly, never left to read ``ACCELERATE_MIXED_PRECISION`` (``itr.launcher`` checks that
+    against the recipe). Under DeepSpeed, precision lives in the DeepSpeed config, which the recipe filled.
     """
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -29,7 +32,8 @@ def make_accelerator(grad_accum=1, deepspeed_config=None, cpu=None):
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and (launched or deepspeed_config) else []
     if deepspeed_config is None:
-        return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
+        return Accelerator(cpu=cpu, mixed_precision="no", gradient_accumulation_steps=grad_accum,
+                           kwargs_handlers=handlers)
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.pop("ACCELERATE_USE_CPU", None)  # it would make accelerate drop DeepSpeed without a word
@@ -66,57 +70,6 @@ def finish_job():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def deepspeed_config_path(recipe_value):
-    """The DeepSpeed JSON to use: the recipe's ``train.deepspeed``, else the one `accelerate launch` was given."""
-    if recipe_value:
-        return recipe_value
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-        if not path or path == "none":
-            raise LaunchError("accelerate launch --use_deepspeed needs --deepspeed_config_file (see launch/README.md)")
-        return path
-    return None
-
-
-def fill_deepspeed_config(path, rank_batch, grad_accum, world, grad_clip, mixed_precision):
-    """Read a DeepSpeed JSON and replace its "auto" values with the recipe's.
-
-    Our own values win where the file sets them explicitly and they disagree, with an
-    error: a batch size in the launch config that differs from the recipe is a mistake.
-    """
-    import json
-
-    from itr.errors import ConfigError
-
-    p = os.path.expandvars(os.path.expanduser(str(path)))
-    try:
-        cfg = json.loads(open(p).read())
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e})") from None
-    want = {
-        "train_micro_batch_size_per_gpu": rank_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": rank_batch * grad_accum * world,
-        "gradient_clipping": grad_clip,
-    }
-    for key, value in want.items():
-        have = cfg.get(key, "auto")
-        if have != "auto" and have != value:
-            raise ConfigError(f"{path}: {key}={have} but the recipe gives {value}; set it to \"auto\"")
-        cfg[key] = value
-    for mode in ("bf16", "fp16"):
-        section = cfg.setdefault(mode, {})
-        enabled = mixed_precision == mode
-        if section.get("enabled", "auto") not in ("auto", enabled):
-            raise ConfigError(f"{path}: {mode}.enabled={section['enabled']} but train.mixed_precision={mixed_precision}; "
-                              f"set it to \"auto\" (precision lives in the recipe)")
-        section["enabled"] = enabled
-    cfg.setdefault("zero_allow_untested_optimizer", True)  # we pass a torch optimizer (no fused_adam build)
-    return cfg
 
 
 def check_world_size(accelerator, expected=0):

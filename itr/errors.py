@@ -19,3 +19,11 @@ class CheckpointError(ItrError, FileNotFoundError):
 
 class LaunchError(ItrError, RuntimeError):
     """The processes started are not the ones asked for."""
+
+
+def did_you_mean(word, options):
+    """`` (did you mean X?)`` naming the option closest to a mistyped ``word``, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

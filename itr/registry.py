@@ -31,8 +31,12 @@ class Registry:
 
     def get(self, name: str) -> Entry:
         if name not in self._entries:
+            import difflib  # (a leaf: itr.errors.did_you_mean, written out)
+
+            close = difflib.get_close_matches(str(name), list(self._entries), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise KeyError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._entries)) or '(none)'}"
+                f"unknown {self.kind} {name!r}{hint}; registered: {', '.join(sorted(self._entries)) or '(none)'}"
             )
         return self._entries[name]
 

@@ -14,7 +14,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import List, Dict
 
-from itr.errors import ConfigError
+from itr.errors import ConfigError, did_you_mean
 from itr.registry import REGISTRIES
 
 
@@ -68,8 +68,8 @@ def _coerce_scalar(value, tp):
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
     elif tp is int:
@@ -91,7 +91,9 @@ def _coerce_scalar(value, tp):
             except ValueError:
                 pass
     elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # the word a YAML reader made a boolean (recipes read only true / false so)
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
     return None
 
@@ -147,7 +149,8 @@ def build_section(cls, raw, path):
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(where + k + did_you_mean(where + k, [where + f for f in fields]) for k in unknown)}; "
             f"valid keys{' in ' + path if path else ''}: {', '.join(sorted(fields))}"
         )
     kwargs = {}

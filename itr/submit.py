@@ -290,21 +290,18 @@ def tracking_info(recipe):
 def prepare_tracking(recipe):
     """Create the MLflow experiment of a local sqlite store before the jobs start: jobs of an array that
     start together on a fresh database race on its schema (seen: `table _alembic_tmp_experiments already
-    exists`) and fall back to their local journals. Returns the experiment id (None if not created here)."""
+    exists`) and fall back to their local journals. A sweep's run (the parent of its members) is created here
+    too. Returns the experiment id (None if not created here)."""
     uri, name, enabled = tracking_info(recipe)
     if not (enabled and uri.startswith("sqlite:///")):
         return None
-    import logging
+    from itr.tracking import connect, ensure_experiment, sweep_name, sweep_parent
 
-    import mlflow
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    client = mlflow.tracking.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    store = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"  # as itr.tracking does: beside the database
-    return client.create_experiment(name, artifact_location=store.as_uri())
+    client = connect(uri)
+    exp_id = ensure_experiment(client, name, uri)
+    if sweep_name(recipe.tracking):
+        sweep_parent(client, exp_id, sweep_name(recipe.tracking))
+    return exp_id
 
 
 def submit(a):
@@ -315,6 +312,8 @@ def submit(a):
     if base.tracking.enabled and not base.tracking.uri:
         # log where we say: the default store is relative to the working directory of the submission
         overrides.append(f"tracking.uri={tracking_info(base)[0]}")
+    if a.sweep and base.tracking.enabled and not (base.tracking.sweep or os.environ.get("ITR_SWEEP")):
+        overrides.append(f"tracking.sweep={Path(a.out).name}-{time.strftime('%Y%m%d-%H%M%S')}")  # one parent run
     elements = sweep_elements(a.recipe, overrides, Path(a.out).resolve(), a.sweep)
     recipes = validate(elements)
     experiments = {tracking_info(r)[:2]: prepare_tracking(r) for r in recipes}

@@ -23,12 +23,11 @@ import os
 import time
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from itr import checkpoint as ckpt
 from itr import progress
-from itr import rundir
+from itr import rundir, train_tracking
 from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
 from itr.data.segments import begin_segment, stream_shape
@@ -36,14 +35,13 @@ from itr.data.sources import check_split, data_root, ensure_shards, load_split, 
 from itr.distributed import (all_reduce_sum, check_world_size, deepspeed_config_path, fill_deepspeed_config,
                              make_accelerator)
 from itr.eval.job import evaluate_model, final_test
-from itr.eval.metrics import KEYS, format_table
+from itr.eval.metrics import format_table
+from itr.launcher import check_launcher_precision
 from itr.models import build_model, make_tokenizer
 from itr.optim import make_optimizer, set_lr
-from itr.plots import recall_at_k, training_curves
 from itr.precision import DTYPES, Precision
 from itr.step import Stop, move_to, train_step
-from itr.tracking import (JOURNAL, end_active, launch_info, make_tracker, memory_metrics, metric_prefix, recipe_params,
-                          run_name, run_tags)
+from itr.tracking import end_active, memory_metrics
 from itr.train_state import TrainState
 
 # Seconds to sleep after every optimizer step: a rehearsal aid that stretches a tiny run so that a
@@ -104,6 +102,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {launched_world} ranks x "
                               f"train.grad_accum={t.grad_accum}")
         self.rank_batch = t.batch_size // (launched_world * t.grad_accum)
+        check_launcher_precision(t.mixed_precision)
         self.ds_path = deepspeed_config_path(t.deepspeed)
         self.ds_config = fill_deepspeed_config(self.ds_path, self.rank_batch, t.grad_accum, launched_world,
                                                t.grad_clip, t.mixed_precision) if self.ds_path else None
@@ -182,22 +181,10 @@ class Trainer:
 
     def _start_tracking(self):
         r, s = self.recipe, self.state
-        self.tracker = make_tracker(r, self.main, run_id=s.run_id, default_name=run_name(self.rd, self.dataset),
-                                    journal=self.out / JOURNAL)
-        s.run_id = self.tracker.run_id
-        self.tracker.log_params(recipe_params(self.rd))
-        zero = self.ds_config.get("zero_optimization", {}).get("stage", 0) if self.deepspeed else None
-        info = {"world_size": self.world, "rank_batch": self.rank_batch, "optimizer_impl": self.optimizer_impl,
-                "precision": self.t.mixed_precision, "device": str(self.device), "img_dim": self.img_dim,
-                "deepspeed": f"ZeRO-{zero} ({self.ds_path})" if self.deepspeed else "no",
-                "zero_stage": zero if self.deepspeed else "none", "train_pairs": self.manifest["num_captions"],
-                "vocab_size": len(self.tokenizer), "run_dir": str(self.out)}
+        train_tracking.start(self)
         if not self.main:
             return
-        self.tracker.set_tags({"model": r.model.name, "dataset": self.dataset, **info,
-                               **run_tags(r.tracking, self.world, self.manifest)})
-        (self.out / "launch.json").write_text(json.dumps(launch_info(), indent=1))  # argv, launcher, environment
-        self.tracker.log_artifact(self.out / "launch.json")
+        info = train_tracking.run_info(self)
         self._say(f"{r.model.name} on {self.dataset}: world {self.world} x batch {self.rank_batch} x accum "
                   f"{self.t.grad_accum}, precision {self.t.mixed_precision}, optimizer {self.optimizer_impl}, "
                   f"device {self.device}, deepspeed {info['deepspeed']}"
@@ -292,10 +279,7 @@ class Trainer:
         s.history["loss"].append([s.global_step, per_pair])
         self.throughput.append(sps)
         if self.main:
-            self.tracker.log_metrics({"loss": per_pair, "lr": lr, "samples_per_sec": sps,
-                                      "grad_norm": float(grad_norm if grad_norm is not None else math.nan),
-                                      "epoch": epoch, "skipped_steps": s.skipped_steps,
-                                      **memory_metrics(self.device)}, step=s.global_step)
+            train_tracking.log_step(self, epoch, per_pair, lr, grad_norm, sps, memory_metrics(self.device))
         if not math.isfinite(total):
             raise FloatingPointError(f"loss is {total} at step {s.global_step}; "
                                      f"lower optim.lr or use train.mixed_precision=bf16/no")
@@ -311,7 +295,7 @@ class Trainer:
             improved = s.best is None or score > s.best
             if improved:
                 s.best, s.best_epoch, s.best_dev, s.best_step = score, label, metrics, s.global_step
-            self.tracker.log_metrics({f"dev_{k}": metrics[k] for k in KEYS}, step=label)
+            train_tracking.log_dev(self, label, metrics)
             s.history["dev"].append([label, metrics])
             tqdm.write(format_table(metrics, f"dev after epoch {label} (best {r.eval.best_metric} "
                                              f"{s.best:.1f} at epoch {s.best_epoch})"))
@@ -352,36 +336,17 @@ class Trainer:
         if self.main:
             if test is not None:
                 results["test"] = test
-                prefix = metric_prefix(r.data.test_split, r.eval.protocol)  # the key `itr eval --log-to-run` uses
-                self.tracker.log_metrics({**{f"test_{k}": test[k] for k in KEYS},
-                                          **{f"{prefix}{k}": test[k] for k in KEYS}}, step=s.global_step)
+                train_tracking.log_test(self, test)
                 print(format_table(test, f"test ({r.data.test_split}) with the best dev checkpoint, "
                                          f"protocol {r.eval.protocol}"), flush=True)
             rundir.write_text_atomic(self.out / "results.json", json.dumps(results, indent=1))
-            self._artifacts(test)
+            train_tracking.artifacts(self, test)
         self.tracker.finish()
         self.acc.wait_for_everyone()
         return results
 
-    def _artifacts(self, test):
-        r, s, out = self.recipe, self.state, self.out
-        (out / "recipe.yaml").write_text(yaml.safe_dump(self.rd, sort_keys=False))
-        title = f"{r.model.name} on {self.dataset}"
-        training_curves(s.history, out / "curves.png", title)
-        recall_at_k({f"dev (best, epoch {s.best_epoch})": s.best_dev, r.data.test_split: test},
-                    out / "recall_at_k.png", title)
-        tp = self.throughput
-        self.tracker.log_metrics({"train_samples_per_sec": sum(tp) / len(tp) if tp else math.nan,
-                                  "train_wall_s": time.perf_counter() - self.started, "epochs_completed": s.epoch},
-                                 step=s.global_step)
-        for name in ("recipe.yaml", "results.json", "curves.png", "recall_at_k.png"):
-            self.tracker.log_artifact(out / name)
-        if (out / "best").exists():
-            self.tracker.log_checkpoint(ckpt.resolve(out / "best"), getattr(r.tracking, "max_artifact_mb", None))
-        if self.tracker.run_id:
-            self._say(f"MLflow run {self.tracker.run_id}: {self.tracker.ui_hint()}")
-
     def cleanup(self):
+        train_tracking.stop_node_monitor(self)
         self.stop.close()
         if self.lock is not None:
             self.lock.release()

@@ -71,3 +71,47 @@ def test_search_benchmark_measures_faiss_against_exact_search_in_one_run():
     approx = [v for k, v in rows.items() if k.startswith(("FAISS IVF", "FAISS HNSW"))]
     assert len(approx) == 2 and all(0.0 <= float(v[3]) <= 1.0 for v in approx), out
     assert all(float(v[2].strip().rstrip("x")) > 0 for v in rows.values()), out
+
+
+def test_extract_benchmark_gives_the_naive_loops_features(tmp_path):
+    out = _bench("extract.py", "--tiny", "--work", tmp_path, "--batch-sizes", 1, 8, "--rounds", 1)
+    assert "same features as the naive loop: True" in out and "speedup (best itr / naive):" in out, out
+    rows = [line for line in out.splitlines() if line.startswith(("naive per-image loop", "itr extract, batch"))]
+    assert len(rows) == 3, out
+
+
+@pytest.mark.slow
+def test_loader_benchmark_reads_every_pair_once_and_measures_both_sizes(tmp_path):
+    import json
+
+    out = _bench("loader.py", "--tiny", "--json", tmp_path / "loader.json", timeout=600)
+    res = json.loads((tmp_path / "loader.json").read_text())
+    assert "keeps up with" in out and "peak RSS grows" in out, out
+    assert all(res[f"loader_{t}_{w}_pairs_per_s"] > 0 for t in ("bert", "words") for w in (0, 1, 2))
+    assert res["consume_pairs_per_s"] > 0
+    assert 0 < res["rss_1x_gib"] and 0 < res["rss_10x_gib"]
+    assert out.count(", 600 pairs;") == 6  # 120 images x 5 captions, each once
+
+
+def test_install_size_measures_what_mlflow_skinny_leaves_out():
+    """benchmarks/install_size.py --tiny: the full mlflow's closure holds the skinny one and the server's stack."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import install_size
+    finally:
+        sys.path.pop(0)
+    assert {"mlflow-skinny", "pyyaml", "torch"} <= set(install_size.runtime_requirements())
+    skinny, full = install_size.closure(["mlflow-skinny"]), install_size.closure(["mlflow"])
+    assert set(skinny) < set(full) and {"flask", "pandas", "scipy"} <= set(full) - set(skinny)
+    assert not {"flask", "pandas", "scipy", "pyarrow"} & set(skinny)
+    out = _bench("install_size.py", "--tiny")
+    saved = float(out.split("saved ")[1].split()[0])
+    assert saved > 100 and "only in the full install" in out, out
+
+
+def test_convert_benchmark_times_both_converters_with_one_and_two_workers_and_same_shards():
+    out = _bench("convert.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["precomp"], ["tsv"])]
+    assert [(r[0], r[1]) for r in rows] == [("precomp", "1"), ("precomp", "2"), ("tsv", "1"), ("tsv", "2")], out
+    assert all(float(r[3]) > 0 for r in rows) and rows[0][4] == "1.00x", out
+    assert "same shards with 1 and 2 workers: True" in out, out

@@ -78,12 +78,14 @@ def test_missing_features_file_names_it_and_lists_splits(tmp_path):
     assert "train_ims.npy" in str(e.value) and "dev" in str(e.value)
 
 
-def test_refuses_to_overwrite_without_force(tmp_path):
+def test_refuses_to_overwrite_other_input_without_force(tmp_path):
     _write_precomp(tmp_path / "src")
     shard_precomp(tmp_path / "src", "train", tmp_path / "out", progress=False)
-    with pytest.raises(DataError, match="--force"):
-        shard_precomp(tmp_path / "src", "train", tmp_path / "out", progress=False)
-    shard_precomp(tmp_path / "src", "train", tmp_path / "out", force=True, progress=False)
+    again = shard_precomp(tmp_path / "src", "train", tmp_path / "out", progress=False)  # same input: verified, kept
+    assert again["resumed"] == len(again["shards"])
+    with pytest.raises(DataError, match="--force"):  # other options: another split
+        shard_precomp(tmp_path / "src", "train", tmp_path / "out", images_per_shard=5, progress=False)
+    shard_precomp(tmp_path / "src", "train", tmp_path / "out", images_per_shard=5, force=True, progress=False)
 
 
 def test_corrupt_shard_is_caught_before_training(tmp_path):

@@ -148,8 +148,7 @@ def reference(cluster, tiny_data, tmp_path_factory):
     while time.time() < deadline and state(job) not in DONE | {"GONE"}:
         time.sleep(1)
     text = read_log(log, missing_ok=True)
-    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}
-{errors_first(text)}"
+    assert (d / "run" / "results.json").is_file(), f"job {job}: {state(job)}\n{errors_first(text)}"
     return {"dir": d / "run", "log": text}
 
 
@@ -227,7 +226,8 @@ def _runs(db):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
-    return mlflow.search_runs(experiment_names=["itr"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["itr"], output_format="list")
+    return [r for r in runs if r.data.tags.get("itr.kind") != "sweep"]  # a sweep's own run holds no training
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +311,8 @@ def test_itr_submit_a_single_job_and_a_sweep_array_finish_and_log_to_mlflow(slur
         assert (d / "results.json").is_file(), f"{d}: {sorted(p.name for p in d.glob('*'))}"
     seeds = sorted(r.data.params["train.seed"] for r in _runs(db))
     assert seeds == ["0", "0", "1", "2"]
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in _runs(db) if r.data.params["train.seed"] != "0"}
+    assert len(parents) == 1 and None not in parents  # the array's members nest under one sweep run
     assert all(r.info.status == "FINISHED" for r in _runs(db))
 
 

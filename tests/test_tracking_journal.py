@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, RunTag, ViewType
 
 from itr import tracking
 from itr.cli import main
@@ -74,12 +74,15 @@ def test_training_records_environment_metrics_artifacts_and_eval_lines_up(micro_
     assert tags["zero_stage"] == "none" and "torch.optim.Adam" in tags["optimizer_impl"]
     assert len(tags["data.manifest_digest"]) == 16 and len(tags["data.manifest_sha256"]) == 16
     assert tags["best_checkpoint"] == "artifact:best_checkpoint"
-    # per step: loss, lr, grad norm, throughput, memory; per epoch: every dev metric; test under both key styles
-    for key in ("loss", "lr", "grad_norm", "samples_per_sec", "cpu_rss_mb"):
+    # per step (the one epoch is the warm-up): loss, lr, grad norm, throughput, memory; dev at the last step; test
+    for key in ("train/loss_warmup", "train/lr", "train/grad_norm", "train/samples_per_sec", "train/cpu_rss_mb"):
         assert len(client.get_metric_history(res["run_id"], key)) == 5, key
-    assert {f"dev_{k}" for k in KEYS} | {f"test_{k}" for k in KEYS} | {f"test_1k_{k}" for k in KEYS} <= set(metrics)
-    assert metrics["test_1k_rsum"] == metrics["test_rsum"] == pytest.approx(res["test"]["rsum"])
-    assert metrics["train_samples_per_sec"] > 0 and metrics["cpu_rss_mb"] > 10
+    assert {f"dev/{k}" for k in KEYS} | {f"test/{k}" for k in KEYS} | {"dev/epoch"} <= set(metrics)
+    assert all("/" in k for k in metrics) and not any(k.startswith("test_") for k in metrics)  # one name per value
+    assert metrics["test/rsum"] == pytest.approx(res["test"]["rsum"]) and metrics["dev/epoch"] == 1
+    assert metrics["train/samples_per_sec_mean"] > 0 and metrics["train/cpu_rss_mb"] > 10
+    assert [(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs] == [
+        ("synthetic/train", tags["data.manifest_digest"])]
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
     assert {"recipe.yaml", "results.json", "curves.png", "recall_at_k.png", "launch.json", "best_checkpoint"} <= arts
     assert "best_checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(res["run_id"], "best_checkpoint")}
@@ -87,20 +90,21 @@ def test_training_records_environment_metrics_artifacts_and_eval_lines_up(micro_
     assert launch["argv"] and launch["env"].get("ITR_SWEEP") == "sweep-a"
     assert (run / "recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
     ops = [rec["op"] for rec in tracking.read_journal(run / tracking.JOURNAL)]
-    assert ops[0] == "start" and ops[-1] == "end" and "offline" not in ops
+    assert ops[0] == "start" and ops[-1] == "end" and "offline" not in ops and "input" in ops
 
     # itr eval into the training run (another protocol) and into a new evaluation run: the same key names
     run_eval(run / "best", micro_data, "test", protocol="5k", log_to_run=res["run_id"])
-    assert client.get_run(res["run_id"]).data.metrics["test_5k_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert client.get_run(res["run_id"]).data.metrics["test_5k/rsum"] == pytest.approx(res["test"]["rsum"])
     assert main(["eval", str(run / "best"), "--data", str(micro_data), "--split", "test", "--log-run",
                  "--run-name", "later-eval"]) == 0
     ev = [x for x in client.search_runs([r.info.experiment_id]) if x.info.run_name == "later-eval"][0]
-    assert ev.data.metrics["test_1k_rsum"] == pytest.approx(res["test"]["rsum"])
+    assert ev.data.metrics == pytest.approx({f"test/{k}": res["test"][k] for k in KEYS})  # the recipe's protocol
     assert ev.data.tags["itr.kind"] == "eval" and ev.data.tags["train_run_id"] == res["run_id"]
+    assert ev.data.tags["mlflow.parentRunId"] == res["run_id"]  # nested under the training
     assert ev.data.tags["model"] == "vsepp" and ev.data.params["model.name"] == "vsepp" and ev.info.status == "FINISHED"
     assert {"eval/test_1k_metrics.json", "eval/test_1k_recall_at_k.png"} <= {
         a.path for a in client.list_artifacts(ev.info.run_id, "eval")}
-    # and both line up in `itr compare` (training: test_*, evaluation run: its test_1k_*)
+    # and both line up in `itr compare` (test/* in both)
     rows = tracking_compare(uri)
     assert {row["run_id"]: row["rsum"] for row in rows} == pytest.approx(
         {res["run_id"]: res["test"]["rsum"], ev.info.run_id: res["test"]["rsum"]})
@@ -186,15 +190,21 @@ def _boom(*a, **kw):
     raise ConnectionError("server gone")
 
 
-def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0):
+def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0, legacy=False):
+    """A finished training run: dev/* at optimizer steps (10 per epoch) with dev/epoch, test/*; ``legacy``: the
+    names before the prefixes (dev_* at step = epoch, test_*, train_samples_per_sec)."""
     run = client.create_run(exp_id, run_name=name, tags={"model": "vsepp", "dataset": "synthetic", "sweep": sweep})
-    metrics = [Metric("train_samples_per_sec", sps, 0, 0)]
+    recalls = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
+    key = (lambda fam, k: f"{fam}_{k}") if legacy else (lambda fam, k: f"{fam}/{k}")
+    metrics = [Metric("train_samples_per_sec" if legacy else "train/samples_per_sec_mean", sps, 0, 0)]
     for epoch, rsum in enumerate(dev, 1):
-        metrics += [Metric("dev_rsum", rsum, epoch, epoch)] + [Metric(f"dev_{k}", rsum / 6, epoch, epoch)
-                                                             for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")]
+        step = epoch if legacy else 10 * epoch
+        metrics += [Metric(key("dev", "rsum"), rsum, epoch, step)] + [Metric(key("dev", k), rsum / 6, epoch, step)
+                                                                    for k in recalls]
+        if not legacy:
+            metrics.append(Metric("dev/epoch", epoch, epoch, step))
     if test is not None:
-        metrics += [Metric(f"test_{k}", test / 6, 0, 0) for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")]
-        metrics.append(Metric("test_rsum", test, 0, 0))
+        metrics += [Metric(key("test", k), test / 6, 0, 0) for k in recalls] + [Metric(key("test", "rsum"), test, 0, 0)]
     client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag("x", "1")])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -203,7 +213,8 @@ def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0):
 def test_compare_sorts_by_rsum_and_writes_csv_markdown_and_plot(tmp_path, capsys, store):
     client = mlflow.tracking.MlflowClient(store)
     exp = client.create_experiment("itr")
-    low = _fake_run(client, exp, "low", test=300.0, dev=(200.0, 250.0))
+    low = _fake_run(client, exp, "low", test=300.0, dev=(200.0, 250.0), legacy=True)  # logged before the prefixes
+    client.create_run(exp, run_name="sweep s", tags={"itr.kind": "sweep", "sweep": "s"})  # a parent: no row
     high = _fake_run(client, exp, "high", test=450.0, dev=(300.0, 400.0, 420.0))
     devonly = _fake_run(client, exp, "dev-only", dev=(100.0, 350.0, 320.0))
     other = _fake_run(client, exp, "other-sweep", test=500.0, sweep="t")
@@ -216,6 +227,8 @@ def test_compare_sorts_by_rsum_and_writes_csv_markdown_and_plot(tmp_path, capsys
     assert lines[0].startswith("run,run_id,model,dataset,sweep,metric,rsum,i2t_R1")
     assert [line.split(",")[1] for line in lines[1:]] == [high, devonly, low]
     assert lines[2].split(",")[5] == "dev (epoch 2)" and float(lines[2].split(",")[6]) == 350.0
+    assert float(lines[2].split(",")[7]) == pytest.approx(350 / 6)  # the best dev step's recalls
+    assert lines[3].split(",")[5:7] == ["test", "300.0"] and float(lines[3].split(",")[-4]) == 2  # old names
     assert float(lines[1].split(",")[-4]) == 3  # epochs: from the dev history
     md = open(f"{out}.md").read().splitlines()
     assert md[0].startswith("| run | id | model |") and len(md) == 5 and "| 450.0 |" in md[2]
@@ -288,7 +301,7 @@ def test_log_evaluation_adds_to_a_run_without_ending_it_again(tmp_path, store):
                                    checkpoint="ck", data="d", artifacts=[tmp_path / "m.json"]) == t.run_id
     r = client.get_run(t.run_id)
     assert (r.info.status, r.info.end_time) == (before.status, before.end_time) == ("FAILED", before.end_time)
-    assert {f"test_5k_{k}" for k in KEYS} == set(r.data.metrics) and r.data.tags["eval.test_5k_checkpoint"] == "ck"
+    assert {f"test_5k/{k}" for k in KEYS} == set(r.data.metrics) and r.data.tags["eval.test_5k_checkpoint"] == "ck"
     assert [a.path for a in client.list_artifacts(t.run_id, "eval")] == ["eval/m.json"]
     assert client.get_experiment_by_name("elsewhere") is None  # the run has its experiment
 
@@ -332,3 +345,127 @@ def test_a_resumed_tracker_runs_the_same_run_again_and_keeps_its_params(tmp_path
     r = client.get_run(t.run_id)
     assert r.info.status == "FINISHED" and r.data.params == {"optim.lr": "0.1", "train.epochs": "3"}
     assert [s["resumed"] for s in tracking.read_journal(tmp_path / tracking.JOURNAL) if s["op"] == "start"] == [False, True]
+
+
+def test_metric_names_old_and_new():
+    from itr.tracking import names
+
+    assert names.train_metrics(2.0, True, lr=0.1) == {"train/loss_warmup": 2.0, "train/lr": 0.1}
+    assert names.eval_family("test", "1k", "", ("test", "1k")) == "test"
+    assert names.eval_family("testall", "coco-5fold", "", ("testall", "coco-5fold")) == "test"
+    assert names.eval_family("test", "5k", "", ("test", "1k")) == "test_5k"
+    assert names.eval_family("test", "1k", "_top50", ("test", "1k")) == "test_1k_top50"
+    assert names.eval_family("testall", "coco-5fold") == "testall_coco5fold"
+    old = {"loss": 1.0, "lr": 0.1, "dev_rsum": 3.0, "dev_i2t_R10": 4.0, "test_rsum": 5.0, "test_1k_t2i_meanr": 6.0,
+           "train_samples_per_sec": 7.0, "epochs_completed": 2.0, "cpu_rss_mb": 9.0, "train/loss": 1.5}
+    assert names.normalize(old) == {"train/loss": 1.5, "train/lr": 0.1, "dev/rsum": 3.0, "dev/i2t_R10": 4.0,
+                                    "test/rsum": 5.0, "test_1k/t2i_meanr": 6.0, "train/samples_per_sec_mean": 7.0,
+                                    "train/epochs_completed": 2.0, "train/cpu_rss_mb": 9.0}
+    assert names.families(names.normalize(old)) == ["test"]
+    assert names.history_keys("dev/rsum") == ("dev/rsum", "dev_rsum")
+    assert names.history_keys("train/samples_per_sec_mean") == ("train/samples_per_sec_mean", "train_samples_per_sec")
+
+
+def test_links_open_the_training_view_and_the_user_is_a_person(monkeypatch):
+    view = "workflowType=machine_learning"
+    assert tracking.ui_hint("http://h:5000/", "3", "abc") == f"open http://h:5000/#/experiments/3/runs/abc?{view}"
+    assert tracking.ui_hint("http://h:5000", "3").endswith(f"/#/experiments/3?{view}")
+    assert tracking.ui_path(compare=[("1", "a"), ("2", "b"), ("1", "c")]) == \
+        f'/#/compare-runs?runs=["a","b","c"]&experiments=["1","2"]&{view}'
+    assert f"# then open http://127.0.0.1:5000/#/experiments/1/runs/r?{view}" in tracking.ui_hint("sqlite:///x.db", "1", "r")
+    for var in ("MLFLOW_TRACKING_USERNAME", "SUDO_USER", "SLURM_JOB_USER", "LOGNAME", "LNAME", "USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("USER", "alice")
+    assert tracking.user_name() == "alice"
+    monkeypatch.setenv("USER", "root")
+    monkeypatch.setenv("SUDO_USER", "bob")
+    assert tracking.user_name() == "bob"  # a person behind a generic root
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    assert tracking.user_name() == "carol" == tracking.source_tags()["mlflow.user"]
+
+
+def test_racing_sweep_members_agree_on_one_parent(store):
+    """A member whose search ran before another member's parent existed creates its own, then finds the older
+    one, takes it and deletes its own: every member nests under one run."""
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.create_experiment("itr")
+    first = tracking.sweep_parent(client, exp, "lr")
+    assert tracking.sweep_parent(client, exp, "lr") == first  # found, not created again
+
+    class Late:  # the first search sees nothing yet
+        def __init__(self):
+            self.searches = 0
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def search_runs(self, *a, **kw):
+            self.searches += 1
+            return [] if self.searches == 1 else client.search_runs(*a, **kw)
+
+    assert tracking.sweep_parent(Late(), exp, "lr") == first
+    runs = client.search_runs([exp], "tags.`itr.kind` = 'sweep'", run_view_type=ViewType.ALL)
+    assert sorted(r.info.lifecycle_stage for r in runs) == ["active", "deleted"]
+    assert tracking.sweep_parent(client, exp, "other") != first
+
+
+def test_sync_brings_the_dataset_input_and_the_sweep_parent_of_an_offline_run(tmp_path, store, micro_data):
+    """A run that never reached the store: `itr sync` creates it under its sweep's run, with its dataset input;
+    a second sync adds nothing."""
+    from itr.data.sources import ensure_shards
+
+    recipe = load_recipe(DEMO, micro_overrides(micro_data))
+    manifest = ensure_shards(recipe.data, "train", progress=False)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = tracking.Tracker(_cfg(dead, run_name="offline"), journal=tmp_path / tracking.JOURNAL, sweep="s1",
+                             system_metrics=True)
+        t.log_input(tracking.manifest_dataset(manifest, "synthetic/train"))
+        t.log_metrics({"train/loss": 1.0}, step=1)
+        t.finish()
+    assert t.system is None  # offline: no monitor
+    out = tracking.sync(tmp_path, uri=store, quiet=True)
+    assert out[0]["created"] and out[0]["inputs"] == 1
+    client = mlflow.tracking.MlflowClient(store)
+    run = client.get_run(out[0]["run_id"])
+    assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [
+        ("synthetic/train", tracking.manifest_tags(manifest)["data.manifest_digest"])]
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["itr.sweep_of"] == "s1" and parent.info.experiment_id == run.info.experiment_id
+    again = tracking.sync(tmp_path, uri=store, quiet=True)
+    assert (again[0]["run_id"], again[0]["inputs"], again[0]["metrics"]) == (run.info.run_id, 0, 0)
+
+
+def test_plots_name_rsum_mark_the_warm_up_and_keep_labels_apart():
+    """recall_at_k: rsum in the legend, value labels that do not overlap even where two lines meet; curves:
+    plain log-axis tick labels (1-2-5), the warm-up loss drawn and shaded apart, rsum in the dev legend."""
+    import matplotlib.pyplot as plt
+
+    from itr import plots
+
+    keys = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
+    dev = dict(zip(keys, (40.0, 60.0, 69.0, 38.0, 55.0, 64.0)), rsum=326.0)
+    test = dict(dev, i2t_R1=40.4, t2i_R5=54.7, rsum=326.1)  # nearly the same: labels would sit on each other
+    fig, _ = plots.recall_figure({"dev (best, epoch 6)": dev, "test": test})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dev (best, epoch 6) (rsum 326.0)", "test (rsum 326.1)"]
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(boxes) == 6
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+    loss = [[s, 40 * 0.97 ** s if s <= 50 else 0.4 * 0.99 ** (s - 50)] for s in range(1, 301)]
+    hist = {"loss": loss, "dev": [[e, dict(dev, rsum=300.0 + e)] for e in (1, 2, 3)]}
+    fig = plots.curves_figure(hist, warmup_epochs=1, warmup_step=50)
+    fig.canvas.draw()
+    ax1, ax2, ax3 = fig.axes
+    assert ax1.get_yscale() == "log"
+    ticks = {t.get_text() for t in ax1.get_yticklabels() if t.get_text()}
+    assert {"0.1", "0.2", "0.5", "1", "2", "5", "10", "20"} <= ticks and not any("^" in t for t in ticks)
+    assert [line.get_label() for line in ax1.get_lines()] == ["warm-up: summed violations", "hardest negative"]
+    assert ax1.patches and ax2.patches  # the warm-up shaded on both panels
+    assert "rsum (right axis)" in [t.get_text() for t in ax2.get_legend().get_texts()]
+    plt.close(fig)

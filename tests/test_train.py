@@ -41,11 +41,12 @@ def test_train_writes_checkpoints_results_and_mlflow(tiny_data, tmp_path):
     assert run.data.params["model.text.name"] == "gru" and run.data.params["optim.lr"] == "0.002"
     assert run.data.tags["world_size"] == "1" and run.data.tags["model"] == "vsepp"
     assert "torch.optim.Adam" in run.data.tags["optimizer_impl"]
-    loss = client.get_metric_history(res["run_id"], "loss")
-    assert len(loss) >= 2 and sorted(m.step for m in loss) == [m.step for m in sorted(loss, key=lambda m: m.step)]
-    for key in ("lr", "samples_per_sec", "dev_rsum", "dev_i2t_R1", "test_rsum"):
+    warm, loss = (client.get_metric_history(res["run_id"], k) for k in ("train/loss_warmup", "train/loss"))
+    assert max(m.step for m in warm) < min(m.step for m in loss)  # epoch 1 sums violations (loss.warmup_epochs: 1)
+    for key in ("train/lr", "train/samples_per_sec", "dev/rsum", "dev/i2t_R1", "test/rsum"):
         assert client.get_metric_history(res["run_id"], key), key
-    assert [m.step for m in client.get_metric_history(res["run_id"], "dev_rsum")] == [1, 2]
+    assert [m.value for m in client.get_metric_history(res["run_id"], "dev/epoch")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(res["run_id"], "dev/rsum")] == [25, 50]  # optimizer steps
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
     assert {"recipe.yaml", "results.json", "curves.png"} <= arts
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -110,7 +111,7 @@ def test_signal_at_an_epoch_boundary_evaluates_that_epoch_after_restart(tiny_dat
     assert meta["epoch"] == 1 and meta["micro_in_epoch"] == 0 and meta["pending_eval"] and meta["best"] is None
     res = _train(tiny_data, tmp_path / "run", "train.resume=latest")
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert [m.step for m in client.get_metric_history(res["run_id"], "dev_rsum")] == [1, 2]
+    assert [m.value for m in client.get_metric_history(res["run_id"], "dev/epoch")] == [1, 2]
     assert res["global_step"] == 50
 
 

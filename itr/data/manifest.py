@@ -13,7 +13,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from itr.data.precomp import DataError
+from itr.data.precomp import DataError, split_hint
 
 FORMAT = "itr-shards/1"
 
@@ -62,7 +62,9 @@ def safe_name(value, what, where):
 def load_manifest(root, split):
     p = manifest_path(root, split)
     if not p.is_file():
-        raise DataError(f"{p} is missing: not a shard directory for split {split!r} (build one with `itr shard precomp`)")
+        have = sorted(q.name[:-len(".manifest.json")] for q in Path(root).glob("*.manifest.json"))
+        raise DataError(f"{p} is missing: not a shard directory for split {split!r} (build one with `itr shard "
+                        f"precomp`){split_hint(root, split, have)}")
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -111,20 +113,21 @@ def shard_paths(m):
     return [str(Path(m["root"]) / s["name"]) for s in m["shards"]]
 
 
-def verify_shards(m, mode="checksum", progress=False, on_bad=None):
+def verify_shards(m, mode="checksum", progress=False, on_bad=None, use_cache=True):
     """Check every shard against the manifest; raise DataError naming the first bad file (with ``on_bad``, call
     it with each bad file's message and go on).
 
     ``checksum`` hashes each file once and counts its samples against the manifest, and caches the result next
     to the manifest keyed by the file's size and mtime and the manifest's checksum and count: a changed file (or
     an edited manifest entry) is checked again, repeated runs on the same shards cost a stat() each.
+    ``use_cache=False`` hashes every file (``itr shard verify``).
     """
     if mode == "none":
         return
     root = Path(m["root"])
     cache_file = root / f".{m['split']}.verified.json"
     try:
-        cache = json.loads(cache_file.read_text()) if mode == "checksum" and cache_file.is_file() else {}
+        cache = json.loads(cache_file.read_text()) if use_cache and mode == "checksum" and cache_file.is_file() else {}
     except (OSError, json.JSONDecodeError):
         cache = {}
     changed = False

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from itr.data import manifest as mf
+from itr.data.precomp import (CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions,
+                              split_hint)
 from itr.data.remote import fetch, is_remote, url_of
-from itr.data.precomp import CAPS_PER_IMAGE, DataError, PrecompSplit, is_precomp, open_precomp, read_captions
 
 
 def cache_root() -> Path:
@@ -29,7 +30,7 @@ def data_kind(root, split):
         return "precomp"
     raise DataError(
         f"{root} has neither {split}.manifest.json (a shard directory) nor {split}_ims.npy / {split}_caps.txt "
-        f"(a precomp directory) for split {split!r}"
+        f"(a precomp directory) for split {split!r}{split_hint(root, split)}"
     )
 
 
@@ -123,6 +124,7 @@ def read_shard_split(root, split, verify="checksum", image_size=224) -> PrecompS
     else:
         feats = np.zeros((n, *m["feature_shape"]), dtype=m["dtype"])
     boxes = np.zeros((n, m["feature_shape"][0], 4), dtype=np.float32) if m.get("boxes") else None
+    lens = np.zeros(n, dtype=np.int64) if m.get("variable_regions") else None  # zero padded past each image's count
     caps = [None] * m["num_captions"]
     ids = [None] * n
     seen = np.zeros(n, dtype=bool)
@@ -134,9 +136,15 @@ def read_shard_split(root, split, verify="checksum", image_size=224) -> PrecompS
                 if pixels:
                     feats[i] = eval_transform(decode(sample.get("jpg") or sample["png"]), image_size)
                 else:
-                    feats[i] = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+                    f = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+                    if lens is None and f.shape != feats.shape[1:]:
+                        raise DataError(f"sample {sample['__key__']}: features {f.shape}, manifest says {feats.shape[1:]}")
+                    feats[i, :len(f)] = f
+                    if lens is not None:
+                        lens[i] = len(f)
                 if boxes is not None:
-                    boxes[i] = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
+                    b = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
+                    boxes[i, :len(b)] = b
                 for c, t in zip(meta["caption_indices"], meta["captions"]):
                     caps[c] = t
                 ids[i] = meta.get("id")
@@ -152,7 +160,7 @@ def read_shard_split(root, split, verify="checksum", image_size=224) -> PrecompS
     if not pixels:
         check_finite(feats, m["path"])
     return PrecompSplit(images=feats, captions=caps, ids=ids, files={"manifest": Path(m["path"])}, boxes=boxes,
-                        image_key="pixels" if pixels else "feats")
+                        image_key="pixels" if pixels else "feats", lens=lens)
 
 
 def check_finite(feats, where, chunk=1024):

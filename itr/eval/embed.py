@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from itr.data.loader import collate_tokens
 from itr.distributed import global_max_shape, pad_cat, pad_to
+from itr.models.base import check_region_lens
 
 
 def _float(out):
@@ -80,6 +81,7 @@ def _all_gather_dealt(local, grid, n, rank, world):
 def embed_images(model, split, batch_size=256, device="cpu", rank=0, world=1, progress=False):
     def one(lo, hi):
         inputs = split.image_inputs(lo, hi)
+        check_region_lens(model, inputs)
         return _float(model.embed_images({k: v.to(device) for k, v in inputs.items()}))
 
     return _run(one, split.num_images, batch_size, rank, world, "embed images", progress)

@@ -157,8 +157,9 @@ def run_eval(request, data=None, split=None, **options):
     the speedup.
 
     MLflow (rank 0): ``log_to_run=RUN_ID`` adds the metrics to that (training) run, ``log_run`` / ``experiment``
-    to a new evaluation run; keys are ``{split}_{protocol}_{metric}`` (e.g. ``test_1k_rsum``), the same the
-    training logs for its test split, so runs evaluated later line up in ``itr compare``."""
+    to a new evaluation run (nested under the checkpoint's training run); keys are ``test/{metric}`` for the
+    recipe's test split and protocol (what the training logs), else ``{split}_{protocol}/{metric}`` (e.g.
+    ``test_5k/rsum``), so runs evaluated later line up in ``itr compare`` (``itr.tracking.names``)."""
     from itr.checkpoint import load_for_eval
     from itr.data.sources import load_split
     from itr.distributed import finish_job, init_job
@@ -236,10 +237,11 @@ def _log_mlflow(req, metrics, recipe, meta):
 
     from itr.config import to_dict
     from itr.plots import recall_at_k
-    from itr.tracking import log_evaluation, metric_prefix
+    from itr.tracking import eval_family, log_evaluation, metric_prefix
 
     k = req.two_stage or (req.k if req.shortlist else None)
     prefix = metric_prefix(req.split, req.protocol, f"_top{k}" if k else "")
+    family = eval_family(req.split, req.protocol, f"_top{k}" if k else "", (recipe.data.test_split, recipe.eval.protocol))
     rd = to_dict(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         arts = [Path(tmp) / f"{prefix}metrics.json", Path(tmp) / f"{prefix}recall_at_k.png"]
@@ -251,7 +253,7 @@ def _log_mlflow(req, metrics, recipe, meta):
 
             shutil.copytree(req.report, Path(tmp) / "page" / f"{prefix}report")
             arts.append(Path(tmp) / "page")
-        return log_evaluation(metrics, prefix, uri=req.tracking_uri, run_id=req.log_to_run, experiment=req.experiment,
+        return log_evaluation(metrics, family, uri=req.tracking_uri, run_id=req.log_to_run, experiment=req.experiment,
                               recipe=rd, meta=meta, checkpoint=Path(req.checkpoint).resolve(),
                               data=Path(req.data).resolve(), run_name=req.run_name, artifacts=arts)
 
@@ -350,6 +352,10 @@ def run_score(sims_path, protocol="1k", json_out=None, chunk_size=1024):
         raise DataError(f"{sims_path}: cannot read as .npy ({e})") from None
     if sims.ndim != 2 or 0 in sims.shape:
         raise DataError(f"{sims_path}: expected a non-empty (n_images, n_captions) matrix, got shape {sims.shape}")
+    if sims.shape[0] == 5 * sims.shape[1]:
+        raise DataError(f"{sims_path}: shape {sims.shape} is (captions, images), the transpose of what `itr score` "
+                        f"reads ((n_images, 5 n_images), caption j of image j // 5); save the transpose: "
+                        f"np.save(PATH, np.load({str(sims_path)!r}).T)")
     from itr.data.sources import check_finite
 
     check_finite(sims, sims_path)

@@ -47,10 +47,30 @@ def loss_inputs(emb):
     return {**{k: emb[k].float() for k in embedding_keys(emb)}, **{k: emb[k] for k in side_keys(emb)}}
 
 
+def region_lens(batch):
+    """Each image's region count: ``feat_lens`` from variable-region data (features zero padded past it), else all."""
+    feats = batch["feats"]
+    lens = batch.get("feat_lens")
+    return lens if lens is not None else torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long,
+                                                    device=feats.device)
+
+
+def check_region_lens(model, batch):
+    """Variable-region data (``feat_lens``) reaches only models that mask the padding."""
+    if "feat_lens" in batch and not getattr(getattr(model, "module", model), "takes_region_lens", False):
+        from itr.errors import ConfigError
+
+        raise ConfigError(f"model {type(model).__name__} treats every region as real, but this data has a variable "
+                          f"number of regions per image (zero padded: manifest variable_regions); use a model that "
+                          f"takes region counts (vse_infty), or shard features with a fixed region count")
+
+
 class MatchingModel(nn.Module):
     # "sum": batch_loss sums over the queries (VSE++ and most of the field); "mean": averages over the
     # global batch. Only the logged loss per pair depends on it.
     loss_reduction = "sum"
+    # True: the model reads ``feat_lens`` (variable region counts, features zero padded past them)
+    takes_region_lens = False
 
     def __init__(self, loss_cfg=None):
         super().__init__()
@@ -89,6 +109,7 @@ class MatchingModel(nn.Module):
 
     # -- the trainer's entry point
     def forward(self, batch, epoch=0, mode="loss", context=None):
+        check_region_lens(self, batch)
         emb = self.embed(batch)
         if mode == "embed":
             return emb

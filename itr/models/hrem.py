@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from itr.distributed import gather_no_grad, is_distributed
 from itr.errors import ConfigError
-from itr.models.base import MatchingModel
+from itr.models.base import MatchingModel, region_lens
 from itr.modules.encoders import text_entry
 from itr.modules.fragments import FCMLP, CaptionAugment, avg_pool, drop_regions, maxk_pool
 from itr.modules.gpo import GPO
@@ -247,6 +247,7 @@ class InstanceInteraction(nn.Module):
 
 @MODELS.register("hrem", HREMConfig)
 class HREM(MatchingModel):
+    takes_region_lens = True  # the relation encoder and the pools mask each image's padding (variable regions)
     def __init__(self, cfg: HREMConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         for key in ("base_loss", "gnn_loss"):
@@ -273,7 +274,7 @@ class HREM(MatchingModel):
         feats, ids, lens = batch["feats"], batch["text_ids"], batch["text_lens"]
         if not self.training:
             return {"img": self.embed_images(batch), "cap": self.embed_captions(batch)}
-        kept, r_lens = drop_regions(feats, self.cfg.region_drop)
+        kept, r_lens = drop_regions(feats, self.cfg.region_drop, batch.get("feat_lens"))
         ids, lens = self.augment(ids, lens)
         regions, words = self.img_fc(kept), self.txt_enc(ids, lens)
         W = self.cfg.relation_words
@@ -283,9 +284,7 @@ class HREM(MatchingModel):
                 "cap_frag": _fit(words.detach(), W), "cap_frag_len": lens.clamp(max=W).float()}
 
     def embed_images(self, batch):
-        feats = batch["feats"]
-        lens = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
-        return self.img_rel(self.img_fc(feats), lens)
+        return self.img_rel(self.img_fc(batch["feats"]), region_lens(batch))
 
     def embed_captions(self, batch):
         ids, lens = batch["text_ids"], batch["text_lens"]

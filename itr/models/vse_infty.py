@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from itr.schema import component, param
-from itr.models.base import MatchingModel
+from itr.models.base import MatchingModel, region_lens
 from itr.modules.encoders import l2norm, text_entry
 from itr.modules.fragments import FCMLP, CaptionAugment, drop_regions
 from itr.modules.gpo import GPO
@@ -39,6 +39,8 @@ class VSEInftyConfig:
 
 @MODELS.register("vse_infty", VSEInftyConfig)
 class VSEInfty(MatchingModel):
+    takes_region_lens = True  # GPO pools over each image's own regions (variable-region shards)
+
     def __init__(self, cfg: VSEInftyConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         self.cfg = cfg
@@ -58,16 +60,14 @@ class VSEInfty(MatchingModel):
     def embed(self, batch):
         feats, ids, lens = batch["feats"], batch["text_ids"], batch["text_lens"]
         if self.training:
-            feats, img_lens = drop_regions(feats, self.cfg.region_drop)
+            feats, img_lens = drop_regions(feats, self.cfg.region_drop, batch.get("feat_lens"))
             ids, lens = self.augment(ids, lens)
         else:
-            img_lens = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
+            img_lens = region_lens(batch)
         return {"img": self.encode_image(feats, img_lens), "cap": self.encode_text(ids, lens)}
 
     def embed_images(self, batch):
-        feats = batch["feats"]
-        lens = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
-        return self.encode_image(feats, lens)
+        return self.encode_image(batch["feats"], region_lens(batch))
 
     def embed_captions(self, batch):
         return self.encode_text(batch["text_ids"], batch["text_lens"])

@@ -71,16 +71,22 @@ class FCMLP(nn.Module):
         return self.fc(x) + self.mlp(x) if self.mlp is not None else self.fc(x)
 
 
-def drop_regions(feats, p):
+def drop_regions(feats, p, lens=None):
     """Keep each region with probability 1 - p (at least one per image), kept regions first in their order.
+    ``lens``: images with fewer regions than ``R`` (zero padded past them: variable-region data); padding is
+    never kept.
 
     Reference: ``image[np.where(np.random.rand(n) > 0.20)]`` then zero padding to the longest image of the
     batch (``collate_fn``). Returns (features (B, R', D) zero padded, lengths (B,))."""
     B, R = feats.shape[:2]
     if p <= 0 or not feats.shape[0]:
-        return feats, torch.full((B,), R, dtype=torch.long, device=feats.device)
+        return feats, (torch.full((B,), R, dtype=torch.long, device=feats.device) if lens is None else lens)
     u = torch.rand(B, R, device=feats.device)
     keep = u > p
+    if lens is not None:
+        valid = length_mask(lens, R)
+        keep &= valid
+        u = u.masked_fill(~valid, -1.0)  # the fallback region below is a real one
     none = ~keep.any(1)
     keep |= none[:, None] & (torch.arange(R, device=feats.device)[None] == u.argmax(1)[:, None])
     lens = keep.sum(1)

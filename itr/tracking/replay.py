@@ -1,10 +1,13 @@
 """``itr sync``: replay a run directory's journal into its MLflow run, or into a new run when the run
 could never be created. Replaying twice changes nothing: metric values already in the store (same key,
-step, timestamp and value), params already set and artifacts already uploaded are skipped."""
+step, timestamp and value), params already set, dataset inputs already there (MLflow keeps one per name and
+digest) and artifacts already uploaded are skipped. A run created here nests under the parent the journal
+names, or under its sweep's run in this store. System metrics are live only: they are not in the journal."""
 import math
 from pathlib import Path
 
 from itr.tracking.journal import JOURNAL, Journal, read_journal
+from itr.tracking.lineage import PARENT_TAG, existing_run, log_dataset, sweep_parent
 from itr.tracking.runinfo import source_tags
 from itr.tracking.store import connect, default_uri, ensure_experiment, log_artifact, log_batch, now_ms
 
@@ -35,7 +38,7 @@ def sync(run_dir, uri=None, quiet=False):
         if not quiet:
             print(f"[itr] sync {path} -> run {run_id}{' (new)' if created else ''} at {target_uri}: "
                   f"{res['metrics']} metric values, {res['params']} params, {res['tags']} tags, "
-                  f"{res['artifacts']} artifacts added", flush=True)
+                  f"{res['inputs']} dataset inputs, {res['artifacts']} artifacts added", flush=True)
     return out
 
 
@@ -67,14 +70,21 @@ def _target_run(client, uri, starts, synced_id, path):
         return synced_id, False
     first = starts[0] if starts else {}
     exp_id = ensure_experiment(client, first.get("experiment") or "itr", uri)
+    tags = {**source_tags(), "itr.synced_from": str(path)}
+    parent = existing_run(client, first.get("parent"))
+    if parent is None and first.get("sweep"):
+        parent = sweep_parent(client, exp_id, first["sweep"])
+    if parent:
+        tags[PARENT_TAG] = parent
     run = client.create_run(exp_id, run_name=first.get("run_name") or "itr-synced", start_time=first.get("ts"),
-                            tags={**source_tags(), "itr.synced_from": str(path)})
+                            tags=tags)
     return run.info.run_id, True
 
 
 def _collect(seg):
-    """What one training journaled: params (first value wins), tags, metric values, artifacts, its end."""
-    params, tags, metrics, artifacts, end = {}, {}, [], [], None
+    """What one training journaled: params (first value wins), tags, metric values, dataset inputs, artifacts,
+    its end."""
+    params, tags, metrics, inputs, artifacts, end = {}, {}, [], [], [], None
     for r in seg:
         op = r.get("op")
         if op == "params":
@@ -84,24 +94,32 @@ def _collect(seg):
             tags.update(r["tags"])
         elif op == "metrics":
             metrics += [(k, v, r["ts"], r["step"]) for k, v in r["metrics"].items()]
+        elif op == "input":
+            inputs.append(r["dataset"])
         elif op == "artifact":
             artifacts.append((r["path"], r.get("artifact_path")))
         elif op == "end":
             end = r
-    return params, tags, metrics, artifacts, end
+    return params, tags, metrics, inputs, artifacts, end
 
 
 def _replay(client, run_id, seg):
     """Send the store what it lacks of one training; the counts of what was added."""
-    params, tags, metrics, artifacts, end = _collect(seg)
-    have_params = client.get_run(run_id).data.params
-    params = {k: v for k, v in params.items() if k not in have_params}
+    params, tags, metrics, inputs, artifacts, end = _collect(seg)
+    run = client.get_run(run_id)
+    params = {k: v for k, v in params.items() if k not in run.data.params}
     metrics = _new_metrics(client, run_id, metrics)
+    tags.pop(PARENT_TAG, None)  # the run's own (a parent id of another store would dangle here)
     log_batch(client, run_id, metrics=metrics, params=params, tags=tags)
+    have = {(d.dataset.name, d.dataset.digest) for d in (run.inputs.dataset_inputs if run.inputs else [])}
+    new_inputs = [d for d in inputs if (d["name"], d["digest"]) not in have]
+    for record in new_inputs:
+        log_dataset(client, run_id, record)
     uploaded = _upload(client, run_id, artifacts)
     if end is not None and client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, end.get("status", "FINISHED"), end_time=end.get("ts"))
-    return {"metrics": len(metrics), "params": len(params), "tags": len(tags), "artifacts": uploaded}
+    return {"metrics": len(metrics), "params": len(params), "tags": len(tags), "inputs": len(new_inputs),
+            "artifacts": uploaded}
 
 
 def _metric_id(step, ts, value):

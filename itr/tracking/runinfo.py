@@ -1,5 +1,6 @@
 """What a run records besides its metrics: git state, package versions, how it was launched, memory,
 and the key names (params from the recipe, metric prefixes of an evaluation). No MLflow here."""
+import getpass
 import importlib
 import math
 import os
@@ -115,10 +116,27 @@ def manifest_tags(manifest):
     return tags
 
 
+def user_name():
+    """Who ran it: ``MLFLOW_TRACKING_USERNAME`` (as MLflow itself), else the login name (``getpass``: LOGNAME,
+    USER, ..., then the password database); a generic ``root`` gives way to ``SUDO_USER`` / ``SLURM_JOB_USER``."""
+    explicit = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if explicit:
+        return explicit
+    try:
+        name = getpass.getuser()
+    except Exception:  # no USER and a uid without a passwd entry (some containers)
+        name = ""
+    if name in ("", "root"):
+        for var in ("SUDO_USER", "SLURM_JOB_USER"):
+            if os.environ.get(var) and os.environ[var] != "root":
+                return os.environ[var]
+    return name or "unknown"
+
+
 def source_tags():
     """MLflow's own source tags (user, entry point, commit), set when a run is created."""
     git = git_state()
-    tags = {"mlflow.user": os.environ.get("USER", ""), "mlflow.source.type": "LOCAL",
+    tags = {"mlflow.user": user_name(), "mlflow.source.type": "LOCAL",
             "mlflow.source.name": " ".join(sys.argv[:2])[:500]}
     if git["commit"] != "unknown":
         tags["mlflow.source.git.commit"] = git["commit"]

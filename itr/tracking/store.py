@@ -34,6 +34,9 @@ def quiet_mlflow():
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # sqlite migrations are chatty
+    # MLflow prints its own run link at the end of a run, in the UI's default (GenAI) view: ours opens the
+    # training view (itr.tracking.tracker.ui_path)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # a refused connection is reported by our own warning; urllib3's retry lines add nothing
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 

@@ -1,6 +1,8 @@
 """The one writer to MLflow. A Tracker creates, resumes or attaches to a run and logs into it while the
 store answers, and into the journal always; every rank but 0 gets a NullTracker. ``log_evaluation``
-(``itr eval``) is a short-lived Tracker on an existing run or on a new evaluation run."""
+(``itr eval``) is a short-lived Tracker on an existing run or on a new evaluation run (nested under the training
+run that made the checkpoint)."""
+import json
 import os
 import socket
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from itr.tracking.journal import Journal
+from itr.tracking.lineage import PARENT_TAG, existing_run, log_dataset, sweep_parent
 from itr.tracking.runinfo import recipe_params, run_tags, source_tags
 from itr.tracking.store import (ensure_experiment, limit_http_retries, log_artifact, log_batch, now_ms, quiet_mlflow,
                                 resolve_uri, short)
@@ -42,6 +45,9 @@ class NullTracker:
     def log_artifact(self, path, artifact_path=None):
         pass
 
+    def log_input(self, record):
+        pass
+
     def log_checkpoint(self, path, max_mb=None):
         pass
 
@@ -55,9 +61,14 @@ class Tracker(NullTracker):
     ``cfg``: uri, experiment, run_name (a recipe's ``tracking``). ``run_id``: resume that run (RUNNING
     again; the params it has are kept). ``attach``: only add to run ``run_id``, leaving its status and end
     alone (``itr eval --log-to-run``). ``strict``: a failing call raises instead of warning and going on
-    with the journal only: for a short job whose caller reports the failure itself."""
+    with the journal only: for a short job whose caller reports the failure itself.
 
-    def __init__(self, cfg, run_id=None, default_name="itr", journal=None, attach=False, strict=False):
+    A new run nests under ``parent`` (a run id, if the store has it), else under the run of ``sweep`` (created by
+    the first member). ``system_metrics``: MLflow's system-metrics monitor on this node (``node``: its index when
+    there are several; None on one), live only."""
+
+    def __init__(self, cfg, run_id=None, default_name="itr", journal=None, attach=False, strict=False, parent=None,
+                 sweep=None, system_metrics=False, node=None):
         from mlflow.tracking import MlflowClient
 
         quiet_mlflow()
@@ -69,6 +80,7 @@ class Tracker(NullTracker):
         self.journal = Journal(journal) if journal else None
         self.online, self.client = False, None
         self._known_params = {}
+        self.parent, self.sweep = parent, sweep
         run_name = None if run_id else (cfg.run_name or default_name)
         try:
             self.client = MlflowClient(self.uri)
@@ -83,9 +95,14 @@ class Tracker(NullTracker):
         if self.journal:
             self.journal.write("start", run_id=self.run_id, experiment=self.experiment, uri=self.uri,
                                run_name=run_name, resumed=self.resumed, online=self.online, ts=now_ms(),
-                               host=socket.gethostname())
+                               host=socket.gethostname(), parent=parent, sweep=sweep)
             if not self.online:
                 self.journal.write("offline", ts=now_ms(), error="unreachable at start")
+        self.system = None
+        if system_metrics and self.online and not self.attached:
+            from itr.tracking.system import SystemMonitor
+
+            self.system = SystemMonitor(self.run_id, self.uri, node, resume=self.resumed)
         if not strict:  # a strict tracker's caller closes it
             _ACTIVE.add(self)
 
@@ -94,7 +111,11 @@ class Tracker(NullTracker):
         if not self.attached:
             self.experiment_id = ensure_experiment(self.client, self.experiment, self.uri)
         if self.run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=source_tags())
+            tags = source_tags()
+            parent = self._parent()
+            if parent:
+                tags[PARENT_TAG] = parent
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             return
         run = self.client.get_run(self.run_id)
@@ -102,6 +123,17 @@ class Tracker(NullTracker):
         self._known_params = dict(run.data.params)
         if not self.attached:
             self.client.update_run(self.run_id, status="RUNNING")
+
+    def _parent(self):
+        """The run a new run nests under; a failure here only costs the link."""
+        try:
+            found = existing_run(self.client, self.parent)
+            if found is None and self.sweep:
+                found = sweep_parent(self.client, self.experiment_id, self.sweep)
+            return found
+        except Exception as e:
+            warnings.warn(f"MLflow: no parent run for this run ({type(e).__name__}: {short(e)})")
+            return None
 
     def _call(self, what, fn, *a, **kw):
         """``fn(client, *a, **kw)`` while the store answers. The first failure warns once and leaves the
@@ -151,6 +183,12 @@ class Tracker(NullTracker):
         what = "log_artifacts" if path.is_dir() else "log_artifact"
         self._call(what, log_artifact, self.run_id, path, artifact_path)
 
+    def log_input(self, record):
+        """A dataset input (``itr.tracking.lineage.manifest_dataset``): the run list's Datasets column."""
+        if self.journal:
+            self.journal.write("input", dataset=record)
+        self._call("log_inputs", log_dataset, self.run_id, record)
+
     def log_checkpoint(self, path, max_mb=None):
         """The checkpoint directory as the ``best_checkpoint`` artifact, or only a reference tag when it is
         larger than ``max_mb`` (default: ITR_MLFLOW_MAX_ARTIFACT_MB, else 200 MB)."""
@@ -168,6 +206,8 @@ class Tracker(NullTracker):
 
     def finish(self, status="FINISHED"):
         _ACTIVE.discard(self)
+        if self.system is not None:
+            self.system.stop()
         if self.attached:
             return  # the run is someone else's to end
         if self.journal:
@@ -182,11 +222,12 @@ class Tracker(NullTracker):
         return ui_hint(self.uri, self.experiment_id, self.run_id)
 
 
-def make_tracker(recipe, is_main, run_id=None, default_name="itr", journal=None):
+def make_tracker(recipe, is_main, run_id=None, default_name="itr", journal=None, **options):
+    """Rank 0's Tracker for a recipe (``options``: Tracker's parent, sweep, system_metrics, node)."""
     if not (is_main and recipe.tracking.enabled):
         return NullTracker()
     try:
-        return Tracker(recipe.tracking, run_id=run_id, default_name=default_name, journal=journal)
+        return Tracker(recipe.tracking, run_id=run_id, default_name=default_name, journal=journal, **options)
     except Exception as e:  # a bug in the tracker itself must not cost the run either
         warnings.warn(f"MLflow tracker failed to start ({type(e).__name__}: {e}); training continues without tracking")
         return NullTracker()
@@ -201,11 +242,28 @@ def end_active(status="FAILED"):
             _ACTIVE.discard(t)
 
 
-def ui_hint(uri, experiment_id=None, run_id=None):
-    """The command that opens the MLflow UI on a store (and the address of a run in it)."""
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens experiments in its GenAI view without it
+
+
+def ui_path(experiment_id=None, run_id=None, compare=None):
+    """The UI's address of a run, an experiment, or runs compared (``compare``: [(experiment id, run id)]),
+    always in the training (machine learning) view."""
+    if compare:
+        runs = json.dumps([r for _, r in compare], separators=(",", ":"))
+        exps = json.dumps(sorted({e for e, _ in compare}), separators=(",", ":"))
+        return f"/#/compare-runs?runs={runs}&experiments={exps}&{ML_VIEW}"
+    if experiment_id is None:
+        return f"/#/runs/{run_id}?{ML_VIEW}" if run_id else ""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"/#/experiments/{experiment_id}{run}?{ML_VIEW}"
+
+
+def ui_hint(uri, experiment_id=None, run_id=None, compare=None):
+    """The command that opens the MLflow UI on a store, and the address of a run, an experiment or a comparison
+    in it (``ui_path``)."""
     import shutil
 
-    path = f"/#/experiments/{experiment_id}/runs/{run_id}" if run_id else ""
+    path = ui_path(experiment_id, run_id, compare)
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{path}"
     exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
@@ -242,33 +300,38 @@ def dir_size(path):
 
 # ----------------------------------------------------------------------------- itr eval -> MLflow
 
-def log_evaluation(metrics, prefix, *, uri=None, run_id=None, experiment=None, recipe=None, meta=None,
+def log_evaluation(metrics, family, *, uri=None, run_id=None, experiment=None, recipe=None, meta=None,
                    checkpoint=None, data=None, run_name=None, artifacts=(), title=""):
-    """Log evaluation ``metrics`` (KEYS) as ``{prefix}{key}`` into run ``run_id``, or into a new evaluation run
-    in ``experiment``. Returns the run id; a tracking failure warns and returns None."""
-    from itr.eval.metrics import KEYS
+    """Log evaluation ``metrics`` (KEYS) as ``{family}/{key}`` (``itr.tracking.names``) into run ``run_id``, or into
+    a new evaluation run in ``experiment``, nested under the training run of the checkpoint when the store has it.
+    Returns the run id; a tracking failure warns and returns None."""
+    from itr.tracking.names import family_metrics
 
+    family = family.rstrip("_/")
     rd = (recipe if isinstance(recipe, dict) else _to_dict(recipe)) if recipe is not None else {}
     model = rd.get("model", {}).get("name", "model")
     dataset = rd.get("data", {}).get("name") or Path(str(data)).name
     cfg = SimpleNamespace(uri=resolve_uri(uri or rd.get("tracking", {}).get("uri")),
                           experiment=experiment or rd.get("tracking", {}).get("experiment") or "itr",
-                          run_name=run_name or f"eval-{model}-{dataset}-{prefix.rstrip('_')}")
+                          run_name=run_name or f"eval-{model}-{dataset}-{family}")
+    trained_by = _trained_by(meta)
     try:
-        tracker = Tracker(cfg, run_id=run_id, attach=run_id is not None, strict=True)
-        tags = {f"eval.{prefix}checkpoint": str(checkpoint), f"eval.{prefix}data": str(data)}
+        tracker = Tracker(cfg, run_id=run_id, attach=run_id is not None, strict=True,
+                          parent=trained_by.get("train_run_id"))
+        tags = {f"eval.{family}_checkpoint": str(checkpoint), f"eval.{family}_data": str(data)}
         if run_id is None:  # a run of its own: say what was evaluated and with which recipe
             tags.update({"itr.kind": "eval", "model": model, "dataset": dataset, "checkpoint": str(checkpoint)})
             tags.update(run_tags(rd.get("tracking")))
-            tags.update(_trained_by(meta))
+            tags.update(trained_by)
             if rd:
                 tracker.log_params(recipe_params(rd))
-        tracker.log_metrics({f"{prefix}{k}": metrics[k] for k in KEYS if k in metrics}, step=0)
+        tracker.log_metrics(family_metrics(family, metrics), step=0)
         tracker.set_tags(tags)
         for path in artifacts:
             tracker.log_artifact(path, "eval")
         tracker.finish()
-        print(f"[itr] logged {prefix}* metrics to MLflow run {tracker.run_id} ({cfg.uri})", flush=True)
+        print(f"[itr] logged {family}/* metrics to MLflow run {tracker.run_id} ({cfg.uri}): "
+              f"{tracker.ui_hint()}", flush=True)
         return tracker.run_id
     except Exception as e:
         warnings.warn(f"MLflow logging of the evaluation failed ({cfg.uri}: {type(e).__name__}: {short(e)}); "
