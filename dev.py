@@ -52,7 +52,7 @@ def ensure_env():
     has_torch = subprocess.run([PY, "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch:
         sh(*pip, TORCH_SPEC)
-    sh(*pip, "-e", f"{ROOT}[dev,deepspeed,slurm,server]")
+    sh(*pip, "-e", f"{ROOT}[dev,deepspeed,slurm,server,faiss]")
     sh(*pip, "--no-deps", *EXTRA_NO_DEPS)
     STAMP.write_text(digest + "\n")
 

@@ -51,7 +51,8 @@ def _eval_request(a):
                          chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
                          shortlist=a.shortlist, k=a.k, compare_full=a.compare_full, save_topk=a.save_topk,
                          topk_path=a.topk_path, state=a.state, state_every=a.state_every, log_to_run=a.log_to_run,
-                         log_run=a.log_run, experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name))
+                         log_run=a.log_run, experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name,
+                         report=a.report, report_queries=a.report_queries, report_images=a.report_images))
 
 
 def _import(a):
@@ -134,7 +135,10 @@ def parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_shard, _add_eval, _add_import, _add_compare, _add_tools):
         add(sub)
+    from itr.retrieval import add_parsers as add_retrieval_parsers
     from itr.submit import add_parser as add_submit_parser
+
+    add_retrieval_parsers(sub)
 
     add_submit_parser(sub).set_defaults(fn=_submit)
     from itr.shards.extract import add_parser as add_extract_parser, run_cli as extract_cli
@@ -228,6 +232,10 @@ def _add_eval(sub):
     e.add_argument("--tracking-uri", help="MLflow tracking URI (default: the checkpoint recipe's tracking.uri, "
                                           "$MLFLOW_TRACKING_URI, sqlite:///<cwd>/mlflow.db)")
     e.add_argument("--run-name", help="name of the new evaluation run")
+    e.add_argument("--report", metavar="DIR", help="also write the report page (what the model retrieves) into DIR; "
+                                                   "with MLflow logging it is an artifact of the run")
+    e.add_argument("--report-queries", type=int, default=10, help="queries the report shows each way")
+    e.add_argument("--report-images", metavar="DIR", help="the split's image files by id, for the report's thumbnails")
     e.set_defaults(fn=_eval)
 
 

@@ -59,6 +59,20 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
 
 
+@pytest.mark.slow
+def test_search_benchmark_measures_faiss_against_exact_search_in_one_run():
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (dev.py installs itr[faiss])")
+    out = _bench("search.py", "--tiny", "--rounds", 1)
+    rows = {r[1].strip(): r[2:] for r in (line.split("|") for line in out.splitlines())
+            if len(r) == 7 and r[1].strip() not in ("method", "---")}
+    exact, flat = rows["exact (chunked)"], rows["FAISS flat"]
+    assert exact[2].strip() == "1.00x" and exact[3].strip() == "1.000", out
+    assert flat[3].strip() == "1.000", out  # a flat index is exact
+    approx = [v for k, v in rows.items() if k.startswith(("FAISS IVF", "FAISS HNSW"))]
+    assert len(approx) == 2 and all(0.0 <= float(v[3]) <= 1.0 for v in approx), out
+    assert all(float(v[2].strip().rstrip("x")) > 0 for v in rows.values()), out
+
+
 def test_extract_benchmark_gives_the_naive_loops_features(tmp_path):
     out = _bench("extract.py", "--tiny", "--work", tmp_path, "--batch-sizes", 1, 8, "--rounds", 1)
     assert "same features as the naive loop: True" in out and "speedup (best itr / naive):" in out, out

@@ -65,6 +65,9 @@ def score_embeddings(score_fn, img, cap, protocol, chunk, device="cpu", rank=0, 
     if rank != 0:
         return None, None
     ranks, tops = out
+    if topk:  # the ground truths' ranks ride along with the lists (the report marks them)
+        for top, r in zip(tops, ranks):
+            top.gt_ranks = r
     folds = [recall_metrics(*r) for r in ranks]
     return (folds[0] if len(folds) == 1 else fold_mean(folds)), (tops if topk else None)
 
@@ -127,6 +130,9 @@ class EvalRequest:
     experiment: str | None = None  # ...of this experiment (implies log_run)
     tracking_uri: str | None = None
     run_name: str | None = None  # of the new evaluation run
+    report: str | Path | None = None  # write the report page (itr.report) into this folder
+    report_queries: int = 10  # queries sampled each way for the report, failures first
+    report_images: str | Path | None = None  # a folder of the split's images, named by their ids (thumbnails)
 
     @property
     def logs_to_mlflow(self):
@@ -178,6 +184,10 @@ def run_eval(request, data=None, split=None, **options):
         raise DataError(f"{req.data} split {req.split!r} has {data_split.images.shape[-1]}-d features; "
                         f"the checkpoint was trained on {meta['img_dim']}-d")
     job = _Loaded(model, tokenizer, recipe, data_split, rank, world)
+    if req.report and (req.two_stage or req.shortlist):
+        from itr.errors import ConfigError
+
+        raise ConfigError("--report shows an evaluation of every pair; leave out --two-stage / --shortlist")
     metrics = _cascade(req, job) if (req.two_stage or req.shortlist) else _all_pairs(req, job)
     if rank == 0 and req.logs_to_mlflow:
         _log_mlflow(req, metrics, recipe, meta)
@@ -196,18 +206,28 @@ def _ranks(job):
 
 def _all_pairs(req, job):
     """Every pair scored, streamed; the metrics on rank 0 (None elsewhere), reported and saved as asked."""
-    metrics, tops = evaluate_model(job.model, job.split, job.tokenizer, job.recipe.eval, req.device, job.rank,
-                                   job.world, progress=job.rank == 0, protocol=req.protocol, topk=req.save_topk or 0,
-                                   save_sims=req.save_sims, state=req.state, state_every=req.state_every)
-    if job.rank == 0:
+    cfg, main = job.recipe.eval, job.rank == 0
+    img, cap = embed_split(job.model, job.split, job.tokenizer, cfg.batch_size, req.device, job.rank, job.world, main)
+    topk = max(req.save_topk or 0, 5 if req.report else 0)
+    metrics, tops = score_embeddings(job.model.score, img, cap, req.protocol, cfg.chunk_size, req.device, job.rank,
+                                     job.world, main, topk, req.save_sims, req.state, req.state_every)
+    if main:
         report(metrics, f"{_title(req, job)}, protocol {req.protocol}{_ranks(job)}", req.json_out)
-        if tops is not None:
+        if req.save_topk:
             from itr.eval.stream import protocol_blocks
             from itr.eval.topk import save_topk
 
             path = req.topk_path or f"topk-{req.split}.npz"
-            save_topk(path, tops, protocol_blocks(job.split.num_images, req.protocol))
+            save_topk(path, [t.cut(req.save_topk) for t in tops], protocol_blocks(job.split.num_images, req.protocol))
             print(f"wrote the top-{req.save_topk} lists to {path}")
+        if req.report:
+            from itr.report import ReportInputs, write_report
+
+            page = write_report(ReportInputs(job.model, job.tokenizer, job.split, img, cap, metrics, tops, req.protocol,
+                                             {"checkpoint": str(req.checkpoint), "data": str(req.data),
+                                              "split": req.split, "model": job.recipe.model.name}),
+                                req.report, req.report_queries, req.report_images)
+            print(f"wrote the report page {page}")
     return metrics
 
 
@@ -228,6 +248,11 @@ def _log_mlflow(req, metrics, recipe, meta):
         write_json({**{k: metrics[k] for k in KEYS}, "checkpoint": str(req.checkpoint), "data": str(req.data),
                     "split": req.split, "protocol": req.protocol}, arts[0])
         recall_at_k({f"{req.split} ({req.protocol})": metrics}, arts[1], f"{rd['model']['name']}: {req.checkpoint}")
+        if req.report:  # the page and its images, as eval/{prefix}report/ of the run
+            import shutil
+
+            shutil.copytree(req.report, Path(tmp) / "page" / f"{prefix}report")
+            arts.append(Path(tmp) / "page")
         return log_evaluation(metrics, family, uri=req.tracking_uri, run_id=req.log_to_run, experiment=req.experiment,
                               recipe=rd, meta=meta, checkpoint=Path(req.checkpoint).resolve(),
                               data=Path(req.data).resolve(), run_name=req.run_name, artifacts=arts)

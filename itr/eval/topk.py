@@ -46,6 +46,17 @@ class TopK:
         for name, a in arrays.items():
             getattr(self, name)[:] = a
 
+    def cut(self, k):
+        """The lists cut to their first ``k`` candidates (a copy; sorted lists, so their top-k)."""
+        import copy
+
+        out = copy.copy(self)
+        out.k_i2t, out.k_t2i = min(k, self.k_i2t), min(k, self.k_t2i)
+        for side, kk in (("i2t", out.k_i2t), ("t2i", out.k_t2i)):
+            setattr(out, f"s_{side}", getattr(self, f"s_{side}")[:, :kk])
+            setattr(out, f"c_{side}", getattr(self, f"c_{side}")[:, :kk])
+        return out
+
     def merged(self, rank, world):
         """Every rank's lists merged onto rank 0 (an all-gather of (queries x k) arrays); None elsewhere."""
         if world > 1:

@@ -19,6 +19,10 @@ live: its gradient is exact for this micro-batch and for the batch-level modules
 Token-level embeddings (cross-attention models: (B, L, d) words with integer ``cap_lens``) are
 zero-padded to the longest when micro-batches or ranks are joined (``itr.distributed.pad_cat``);
 integer outputs ride along as side keys (no gradient).
+
+Retrieval (``itr index`` / ``itr search`` / the report): ``global_vectors(emb)`` names the vectors whose inner
+products are the model's global score (what an exact or FAISS index searches); cross-attention models may
+offer ``alignment(img_emb, cap_emb)``, the word x region weights of one pair that their score is built from.
 """
 import torch
 import torch.nn as nn
@@ -89,6 +93,14 @@ class MatchingModel(nn.Module):
 
     def batch_loss(self, emb, img_ids, epoch):
         return self.criterion(emb, {"img_ids": img_ids}, epoch)
+
+    def global_vectors(self, emb):
+        """The (rows, d) vectors whose inner products give this model's global score, or None. Default: the
+        embedding itself where ``score`` is the inner product of 2-D embeddings; token-level models with a
+        global token return it (its product is their ``global_score``, and ``score`` then reranks)."""
+        if type(self).score is MatchingModel.score and torch.is_tensor(emb) and emb.dim() == 2:
+            return emb
+        return None
 
     def pretrained_parameters(self):
         """Parameters of pretrained backbones (trained at ``optim.text_lr_mult`` x lr)."""

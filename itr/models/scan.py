@@ -203,6 +203,20 @@ class SCAN(MatchingModel):
     def score(self, img_emb, cap_emb):
         return self.pair_scores(img_emb, cap_emb["words"], cap_emb["lens"])
 
+    @torch.no_grad()
+    def alignment(self, img_emb, cap_emb):
+        """The attention of one pair (row 0 of each), (words, regions): t2i, each word's softmax over the
+        regions (rows sum to 1); i2t, each region's softmax over the words (columns sum to 1). ``first_token``:
+        the caption token of word 0 (the tokenizer's ids; SCAN's words include <start> and <end>)."""
+        c = self.cfg
+        n = int(cap_emb["lens"][0])
+        s = img_emb[0] @ cap_emb["words"][0, :n].t()  # (R, L) raw scores
+        if c.direction == "t2i":
+            attn = torch.softmax(c.lambda_softmax * raw_norm(s, c.raw_feature_norm, -1), dim=0).t()
+        else:
+            attn = torch.softmax(c.lambda_softmax * raw_norm(s, c.raw_feature_norm, 0), dim=1).t()
+        return {"weights": attn, "first_token": 0, "kind": f"SCAN {c.direction} attention"}
+
     def batch_loss(self, emb, img_ids, epoch):
         return xattn_batch_loss(self.pair_scores, emb["img"], emb["cap"], emb["cap_lens"], img_ids,
                                 self.criterion, epoch)

@@ -167,6 +167,13 @@ class TERAN(MatchingModel):
     def score(self, img_emb, cap_emb):
         return self.pair_scores(img_emb, cap_emb["words"], cap_emb["lens"])
 
+    @torch.no_grad()
+    def alignment(self, img_emb, cap_emb):
+        """Region-word dot products of one pair (row 0 of each), (words, regions): the score is the sum over
+        the words of each row's maximum. ``first_token``: word 0 is the token after [CLS]."""
+        n = int(cap_emb["lens"][0])
+        return {"weights": cap_emb["words"][0, :n] @ img_emb[0].t(), "first_token": 1, "kind": "TERAN region-word alignment"}
+
     def batch_loss(self, emb, img_ids, epoch):
         return xattn_batch_loss(self.pair_scores, emb["img"], emb["cap"], emb["cap_lens"], img_ids,
                                 self.criterion, epoch)

@@ -218,6 +218,19 @@ class TGDT(MatchingModel):
         s = tiled_pairs(one, (reg, length_mask(rl, reg.shape[1])), words, wl, LOCAL_BUDGET)
         return self.cfg.local_scale * s
 
+    def global_vectors(self, emb):
+        """The global tokens: ``global_score`` is their inner product."""
+        return emb["glob"]
+
+    @torch.no_grad()
+    def alignment(self, img_emb, cap_emb):
+        """Region-word dot products of the local tokens of one pair (row 0 of each), (words, regions), x
+        ``local_scale``: the local score is the sum over the words of each row's maximum (word 0: the token after
+        [CLS] with BERT, the first token with a GRU)."""
+        n, r = int(cap_emb["lens"][0]), int(img_emb["lens"][0])
+        w = cap_emb["words"][0, :n] @ img_emb["regions"][0, :r].t()
+        return {"weights": self.cfg.local_scale * w, "first_token": 1 if self.bert_cls else 0, "kind": "TGDT local alignment"}
+
     def pair_score(self, img_emb, cap_emb):
         """``score`` of image row p with caption row p, (P,): the two-stage rerank batches the shortlists of
         many queries into one call instead of one ``score`` call per query."""
