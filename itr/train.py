@@ -23,12 +23,13 @@ import os
 import time
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from itr import checkpoint as ckpt
 from itr import progress
 from itr import rundir
+from itr.aids import BEST_EMA, Aids, promote_ema, reconcile_best_ema
+from itr.artifacts import write_artifacts
 from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
 from itr.data.segments import begin_segment, stream_shape
@@ -39,7 +40,6 @@ from itr.eval.job import evaluate_model, final_test
 from itr.eval.metrics import KEYS, format_table
 from itr.models import build_model, make_tokenizer
 from itr.optim import make_optimizer, set_lr
-from itr.plots import recall_at_k, training_curves
 from itr.precision import DTYPES, Precision
 from itr.step import Stop, move_to, train_step
 from itr.tracking import (JOURNAL, end_active, launch_info, make_tracker, memory_metrics, metric_prefix, recipe_params,
@@ -88,7 +88,7 @@ class Trainer:
             self.lock = rundir.RunLock(self.out)
         self._accelerator()
         if self.main:
-            for name in ("last", "best"):
+            for name in ("last", "best", BEST_EMA):
                 self._say(rundir.recover(self.out / name))
         self.acc.wait_for_everyone()
         self._find_resume()
@@ -162,6 +162,8 @@ class Trainer:
         if t.compile:
             model.compile()  # in place: the state dict keeps its names (no _orig_mod. prefix)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.aids = Aids(t, r.eval.best_metric, self.ds_config)  # EMA (from the initial weights), early stopping
+        self.aids.setup(self.acc.unwrap_model(self.model))
 
     # ------------------------------------------------------------------ resume
 
@@ -171,9 +173,11 @@ class Trainer:
         if self.resume_from:
             ckpt.load_training_state(self.acc, self.resume_from / ckpt.STATE, self.precision.scaler)
             self.state = TrainState.from_dict(self.meta["train_state"], self.resume_from / ckpt.META)
+            self.aids.resume(self.resume_from)
             self._new_segment()
             if self.main and self.resume_from == self.out / "last":
                 self._say(ckpt.reconcile_best(self.out, self.meta))
+                self._say(reconcile_best_ema(self.out, self.meta))
         self._start_tracking()
 
     def _new_segment(self):
@@ -219,6 +223,8 @@ class Trainer:
                             for e in range(t.epochs)]
         self.total_steps = sum(self.epoch_steps)
         for epoch in range(s.epoch, t.epochs):
+            if self.aids.stop_early(s, self.device, self._say):
+                break
             stopped = self.run_epoch(epoch)
             done = s.micro_in_epoch >= self.epoch_steps[epoch] * t.grad_accum
             if done:
@@ -269,6 +275,7 @@ class Trainer:
         self.precision.unscale_(self.optimizer)
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         skipped = self.precision.step(self.optimizer)  # DeepSpeed stepped inside backward; this is then a no-op
+        self.aids.after_step(self.acc.unwrap_model(self.model))  # the InfoNCE temperature's clamp, the EMA
         self.optimizer.zero_grad(set_to_none=True)
         if skipped or self.acc.optimizer_step_was_skipped:
             s.skipped_steps += 1  # fp16 overflow: the update was not applied
@@ -303,8 +310,9 @@ class Trainer:
     def end_of_epoch(self, label):
         """Dev evaluation, then DIR/last (recording a new best), then DIR/best promoted from it (itr.rundir)."""
         r, s = self.recipe, self.state
-        metrics, _ = evaluate_model(self.acc.unwrap_model(self.model), self.dev, self.tokenizer, r.eval, self.device,
-                                    self.rank, self.world)
+        dev = lambda m: evaluate_model(m, self.dev, self.tokenizer, r.eval, self.device, self.rank, self.world)[0]  # noqa: E731
+        metrics = dev(self.acc.unwrap_model(self.model))
+        ema, ema_improved = self.aids.evaluate(self.acc.unwrap_model(self.model), dev, s, label)
         improved = False
         if self.main:
             score = metrics[r.eval.best_metric]
@@ -315,10 +323,13 @@ class Trainer:
             s.history["dev"].append([label, metrics])
             tqdm.write(format_table(metrics, f"dev after epoch {label} (best {r.eval.best_metric} "
                                              f"{s.best:.1f} at epoch {s.best_epoch})"))
+            self.aids.report(ema, self.tracker, s, label)
         s.pending_eval = False
         self.save_checkpoint()
         if self.main and improved:
             ckpt.promote(self.out / "last", self.out / "best", self.checkpoint_meta())
+        if self.main and ema_improved:
+            promote_ema(self.out, self.checkpoint_meta())
         self.acc.wait_for_everyone()
 
     def _report_skipped(self, epoch):
@@ -338,7 +349,7 @@ class Trainer:
     def save_checkpoint(self):
         """DIR/last: weights, training state, tokenizer, recipe (collective: every rank calls it)."""
         ckpt.save(self.out / "last", self.acc, self.model, self.rd, self.tokenizer, self.checkpoint_meta(),
-                  deepspeed=self.deepspeed, scaler=self.precision.scaler)
+                  deepspeed=self.deepspeed, scaler=self.precision.scaler, extra=self.aids.files())
 
     # ------------------------------------------------------------------ finish
 
@@ -349,6 +360,7 @@ class Trainer:
                    "experiment_id": self.tracker.experiment_id, "global_step": s.global_step, "world_size": self.world,
                    "optimizer_impl": self.optimizer_impl}
         test = final_test(r, self.out, self.device, self.rank, self.world)
+        results.update(self.aids.test(r, self.out, self.device, self.rank, self.world, self.tracker, s.global_step))
         if self.main:
             if test is not None:
                 results["test"] = test
@@ -358,28 +370,10 @@ class Trainer:
                 print(format_table(test, f"test ({r.data.test_split}) with the best dev checkpoint, "
                                          f"protocol {r.eval.protocol}"), flush=True)
             rundir.write_text_atomic(self.out / "results.json", json.dumps(results, indent=1))
-            self._artifacts(test)
+            write_artifacts(self, test)
         self.tracker.finish()
         self.acc.wait_for_everyone()
         return results
-
-    def _artifacts(self, test):
-        r, s, out = self.recipe, self.state, self.out
-        (out / "recipe.yaml").write_text(yaml.safe_dump(self.rd, sort_keys=False))
-        title = f"{r.model.name} on {self.dataset}"
-        training_curves(s.history, out / "curves.png", title)
-        recall_at_k({f"dev (best, epoch {s.best_epoch})": s.best_dev, r.data.test_split: test},
-                    out / "recall_at_k.png", title)
-        tp = self.throughput
-        self.tracker.log_metrics({"train_samples_per_sec": sum(tp) / len(tp) if tp else math.nan,
-                                  "train_wall_s": time.perf_counter() - self.started, "epochs_completed": s.epoch},
-                                 step=s.global_step)
-        for name in ("recipe.yaml", "results.json", "curves.png", "recall_at_k.png"):
-            self.tracker.log_artifact(out / name)
-        if (out / "best").exists():
-            self.tracker.log_checkpoint(ckpt.resolve(out / "best"), getattr(r.tracking, "max_artifact_mb", None))
-        if self.tracker.run_id:
-            self._say(f"MLflow run {self.tracker.run_id}: {self.tracker.ui_hint()}")
 
     def cleanup(self):
         self.stop.close()
