@@ -308,9 +308,11 @@ class Trainer:
                                      f"lower optim.lr or use train.mixed_precision=bf16/no")
 
     def end_of_epoch(self, label):
-        """Dev evaluation, then DIR/last (recording a new best), then DIR/best promoted from it (itr.rundir)."""
+        """Dev evaluation (and the EMA's), then DIR/last (recording a new best), then DIR/best (and DIR/best_ema)
+        promoted from it (itr.rundir)."""
         r, s = self.recipe, self.state
-        dev = lambda m: evaluate_model(m, self.dev, self.tokenizer, r.eval, self.device, self.rank, self.world)[0]  # noqa: E731
+        dev = lambda m: evaluate_model(m, self.dev, self.tokenizer, r.eval, self.device, self.rank,  # noqa: E731
+                                       self.world)[0]
         metrics = dev(self.acc.unwrap_model(self.model))
         ema, ema_improved = self.aids.evaluate(self.acc.unwrap_model(self.model), dev, s, label)
         improved = False

@@ -46,7 +46,8 @@ def test_ema_best_checkpoint_and_resume_are_exact(small_shards, tmp_path, monkey
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), f"{ck}/{name} differs"
     assert res == ref
     # the EMA weights really differ from the model's
-    w, e = load_file(str(tmp_path / "ref" / "last" / "model.safetensors")), load_file(str(tmp_path / "ref" / "last" / "ema.safetensors"))
+    last = tmp_path / "ref" / "last"
+    w, e = load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors"))
     assert not torch.equal(w["img_enc.fc.weight"], e["img_enc.fc.weight"])
     # resuming an EMA checkpoint without the EMA state is refused
     (tmp_path / "cut" / "last" / "ema.safetensors").unlink()

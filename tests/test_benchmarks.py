@@ -57,3 +57,14 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert in_i2t == sorted(in_i2t) and in_i2t[-1] == 100.0, out  # K = every caption: every ground truth is in
     full = float(out.split("full SCAN: rsum ")[1].split(",")[0])
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
+
+
+def test_f8k_ridge_baseline_chooses_the_ridge_on_dev(f8k):
+    """Toy size (120 training images, 30 dev / test): the ridge with the best dev rsum is the one tested."""
+    out = _bench("f8k_ridge_baseline.py", "--tiny", "--data", f8k, "--alphas", 0.3, 3, 30, timeout=600)
+    for kind in ("bow", "minilm"):
+        dev = dict(p.split(": ") for p in out.split(f"{kind}: dev rsum by alpha: ")[1].splitlines()[0].split(", "))
+        best = max(dev, key=lambda a: float(dev[a]))
+        assert f"{kind} ridge (alpha {best}, chosen on dev rsum {dev[best]})" in out, out
+        row = next(line.split() for line in out.splitlines() if line.startswith(f"{kind} ") and len(line.split()) == 10)
+        assert row[1] == best and 0 < float(row[-1]) <= 600, out

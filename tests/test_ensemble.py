@@ -71,7 +71,8 @@ def test_ensemble_on_two_ranks_equals_one_rank(two_runs, small_shards, tmp_path)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "itr", "eval", str(a), str(b),
                         "--ensemble", "--weights", "1,3", "--data", str(small_shards), "--split", "test",
-                        "--chunk-size", "5", "--json", str(tmp_path / "m.json"), "--save-sims", str(tmp_path / "s.npy")],
+                        "--chunk-size", "5", "--json", str(tmp_path / "m.json"),
+                        "--save-sims", str(tmp_path / "s.npy")],
                        capture_output=True, text=True, errors="replace", timeout=180,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-4000:]
