@@ -59,6 +59,7 @@ def test_cascade_benchmark_shortlists_hold_more_ground_truths_as_k_grows(tmp_pat
     assert float(rows[-1][4]) == full, out  # ... and SCAN alone decides
 
 
+@pytest.mark.slow
 def test_f8k_ridge_baseline_chooses_the_ridge_on_dev(f8k):
     """Toy size (120 training images, 30 dev / test): the ridge with the best dev rsum is the one tested."""
     out = _bench("f8k_ridge_baseline.py", "--tiny", "--data", f8k, "--alphas", 0.3, 3, 30, timeout=600)

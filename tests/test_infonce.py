@@ -117,3 +117,17 @@ def test_token_level_models_refuse_infonce():
 def test_ranks_and_accumulation_give_the_whole_batch_step(name):
     ref = assert_split_steps_equal(name, [(1, 2), (1, 4), (2, 1), (2, 2)])
     assert ref["grads"]["criterion.logit_scale"].abs().item() > 0  # the temperature's gradient is exact too
+
+
+@pytest.mark.parametrize("name", ["hrem_vse", "selfalign_camera", "sentence_matcher"])
+def test_every_kind_of_global_model_takes_infonce_exactly_under_accumulation(name, tiny_bert, monkeypatch):
+    """HREM (its VSE terms), CAMERA's best-view score (``with_score``) and the sentence matcher with
+    loss.name=infonce: 2 micro-batches give the whole batch's step, the temperature's gradient included."""
+    from conftest import _step_module
+
+    models = _step_module().MODELS
+    entry = models[name]
+    recipe = {**entry["recipe"], "loss": {**entry["recipe"].get("loss", {}), "name": "infonce"}}
+    monkeypatch.setitem(models, name + "_infonce", {**entry, "recipe": recipe})
+    ref = assert_split_steps_equal(name + "_infonce", [(1, 2)], bert=tiny_bert)
+    assert ref["grads"]["criterion.logit_scale"].abs().item() > 0
