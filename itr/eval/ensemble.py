@@ -108,10 +108,10 @@ def run_ensemble(req):
 
 def side_by_side(out, title):
     """One row per member and one for the ensemble, the metrics as columns."""
-    head = f"{'':<28}" + "".join(f"{k:>9}" for k in KEYS)
+    head = f"{'':<28}" + "".join(f"{k:>10}" for k in KEYS)
     lines = [title, head]
     for i, m in enumerate(out["members"]):
         name = f"[{i}] w={m['weight']:.2f} {'/'.join(Path(m['checkpoint']).parts[-2:])}"
-        lines.append(f"{name[:28]:<28}" + "".join(f"{m['metrics'][k]:>9.1f}" for k in KEYS))
-    lines.append(f"{'ensemble':<28}" + "".join(f"{out['ensemble'][k]:>9.1f}" for k in KEYS))
+        lines.append(f"{name[:28]:<28}" + "".join(f"{m['metrics'][k]:>10.1f}" for k in KEYS))
+    lines.append(f"{'ensemble':<28}" + "".join(f"{out['ensemble'][k]:>10.1f}" for k in KEYS))
     return "\n".join(lines)
