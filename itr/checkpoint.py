@@ -84,12 +84,14 @@ def consolidated_deepspeed_weights(state_dir):
     return get_fp32_state_dict_from_zero_checkpoint(str(state_dir))
 
 
-def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True, deepspeed=False, scaler=None):
+def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True, deepspeed=False, scaler=None,
+         extra=None):
     """Atomically write a checkpoint at ``dst``. Collective: call on every rank.
 
     Under DeepSpeed the weights are the fp32 master weights consolidated from the ZeRO
     partitions (DeepSpeed's zero_to_fp32), so ``itr eval`` reads one safetensors file.
     A full disk (or any write error) removes the partial ``.NAME.tmp`` and says so; ``dst`` stays as it was.
+    ``extra``: more state dicts (file name -> tensors) written beside the weights, e.g. the EMA (``itr.aids``).
     """
     dst, tmp, _ = rundir.paths(dst)
     main = accelerator.is_main_process
@@ -111,6 +113,8 @@ def save(dst, accelerator, model, recipe_dict, tokenizer, meta, with_state=True,
             state_dict = accelerator.get_state_dict(model)
         if main:
             write_weights(state_dict, tmp / WEIGHTS)
+            for name, sd in (extra or {}).items():
+                write_weights(sd, tmp / name)
             (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
             save_tokenizer(tokenizer, accelerator.unwrap_model(model), tmp)
             (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
@@ -135,15 +139,16 @@ def link_or_copy(src: Path, dst: Path):
         shutil.copy2(src, dst)
 
 
-def promote(last: Path, best: Path, meta):
-    """Make ``best`` a weights-only copy of ``last`` (hard links where possible). Main process only."""
+def promote(last: Path, best: Path, meta, weights=WEIGHTS):
+    """Make ``best`` a weights-only copy of ``last`` (hard links where possible), its weights taken from
+    ``last/weights`` (the EMA's for ``best_ema``). Main process only."""
     best, tmp, _ = rundir.paths(best)
     rundir.trash(tmp)
     tmp.mkdir(parents=True)
     rundir.fault(f"{best.name}: tmp cleared")
-    for name in (WEIGHTS, RECIPE, VOCAB):
-        if (last / name).exists():
-            link_or_copy(last / name, tmp / name)
+    for src, name in ((weights, WEIGHTS), (RECIPE, RECIPE), (VOCAB, VOCAB)):
+        if (last / src).exists():
+            link_or_copy(last / src, tmp / name)
     if (last / TEXT_MODEL).is_dir():
         shutil.copytree(last / TEXT_MODEL, tmp / TEXT_MODEL)
     (tmp / META).write_text(json.dumps(meta, indent=1, default=str))

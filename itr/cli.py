@@ -33,11 +33,13 @@ def _shard_images(a):
 
 def _eval(a):
     """Exit code 75 (EX_TEMPFAIL) when a signal stopped a resumable evaluation: slurm/eval.sbatch requeues it."""
+    from itr.eval.ensemble import run_ensemble
     from itr.eval.job import run_eval
     from itr.eval.stream import EvalStopped
 
     try:
-        run_eval(_eval_request(a))
+        req = _eval_request(a)
+        (run_ensemble if req.ensemble else run_eval)(req)
     except EvalStopped as e:
         print(f"[itr] evaluation {e}", flush=True)
         return 75
@@ -45,14 +47,20 @@ def _eval(a):
 
 
 def _eval_request(a):
+    from itr.errors import ConfigError
     from itr.eval.job import EvalRequest
 
-    return (EvalRequest(a.checkpoint, a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
+    if len(a.checkpoint) > 1 and not a.ensemble:
+        raise ConfigError(f"itr eval got {len(a.checkpoint)} checkpoints: pass --ensemble to average them")
+    if a.weights and not a.ensemble:
+        raise ConfigError("--weights needs --ensemble")
+    return (EvalRequest(a.checkpoint[0], a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
                          chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
                          shortlist=a.shortlist, k=a.k, compare_full=a.compare_full, save_topk=a.save_topk,
                          topk_path=a.topk_path, state=a.state, state_every=a.state_every, log_to_run=a.log_to_run,
                          log_run=a.log_run, experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name,
-                         report=a.report, report_queries=a.report_queries, report_images=a.report_images))
+                         report=a.report, report_queries=a.report_queries, report_images=a.report_images,
+                         ensemble=a.checkpoint if a.ensemble else None, weights=a.weights))
 
 
 def _import(a):
@@ -200,7 +208,11 @@ def _add_shard(sub):
 
 def _add_eval(sub):
     e = sub.add_parser("eval", help="evaluate a checkpoint (R@1/5/10, medr, meanr, rsum)")
-    e.add_argument("checkpoint", help="DIR/best, DIR/last or a run directory")
+    e.add_argument("checkpoint", nargs="+", help="DIR/best, DIR/last or a run directory (several with --ensemble)")
+    e.add_argument("--ensemble", action="store_true", help="average the checkpoints' similarity matrices and report "
+                                                           "each checkpoint and the ensemble side by side")
+    e.add_argument("--weights", metavar="W1,W2,...", help="with --ensemble: one weight per checkpoint (normalised to "
+                                                          "sum to 1; default: equal)")
     e.add_argument("--data", required=True, help="precomp directory or shard directory")
     e.add_argument("--split", required=True)
     e.add_argument("--protocol", choices=["1k", "coco-5fold", "5k"], default=None,

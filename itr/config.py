@@ -62,6 +62,11 @@ class TrainConfig:
     deepspeed: Optional[str] = param(None, "DeepSpeed JSON (launch/ds_zero*.json); default: the one given to "
                                            "`accelerate launch --use_deepspeed`, else none (DDP)")
     compile: bool = param(False, "torch.compile the model")
+    ema_decay: float = param(0.0, "keep an exponential moving average of the weights with this decay per optimizer "
+                                  "step (e.g. 0.999; 0: off); evaluated on dev each epoch, its best saved as DIR/best_ema",
+                             min=0.0, max=0.99999999)
+    patience: int = param(0, "early stopping: stop after this many epochs without a new best dev eval.best_metric "
+                             "(of the model or its EMA); 0: train every epoch", min=0)
 
 
 @dataclass

@@ -21,14 +21,15 @@ def _apex_fused_adam():
 
 def param_groups(model, text_lr_mult, weight_decay=0.0, no_decay=()):
     """Groups by learning rate (pretrained text at ``text_lr_mult``) and by weight decay
-    (names containing one of ``no_decay`` get none, as BERT fine-tuning does for biases and LayerNorm)."""
+    (names containing one of ``no_decay`` get none, as BERT fine-tuning does for biases and LayerNorm; nor does
+    the InfoNCE temperature ``logit_scale``, as in OpenCLIP)."""
     pretrained = {id(p) for p in getattr(model, "pretrained_parameters", lambda: [])()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         pre = id(p) in pretrained
-        decay = not any(s in name for s in no_decay)
+        decay = not any(s in name for s in no_decay) and not name.endswith("logit_scale")  # as OpenCLIP
         key = ("pretrained_text" if pre else "model") + ("" if decay else "_no_decay")
         g = groups.setdefault(key, {"params": [], "lr_mult": text_lr_mult if pre else 1.0, "name": key,
                                     "weight_decay": weight_decay if decay else 0.0})

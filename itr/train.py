@@ -28,6 +28,7 @@ from tqdm import tqdm
 from itr import checkpoint as ckpt
 from itr import progress
 from itr import rundir, train_tracking
+from itr.aids import BEST_EMA, Aids, promote_ema, reconcile_best_ema
 from itr.config import ConfigError, to_dict
 from itr.data.loader import TrainLoader
 from itr.data.segments import begin_segment, stream_shape
@@ -86,7 +87,7 @@ class Trainer:
             self.lock = rundir.RunLock(self.out)
         self._accelerator()
         if self.main:
-            for name in ("last", "best"):
+            for name in ("last", "best", BEST_EMA):
                 self._say(rundir.recover(self.out / name))
         self.acc.wait_for_everyone()
         self._find_resume()
@@ -161,6 +162,8 @@ class Trainer:
         if t.compile:
             model.compile()  # in place: the state dict keeps its names (no _orig_mod. prefix)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.aids = Aids(t, r.eval.best_metric, self.ds_config)  # EMA (from the initial weights), early stopping
+        self.aids.setup(self.acc.unwrap_model(self.model))
 
     # ------------------------------------------------------------------ resume
 
@@ -170,9 +173,11 @@ class Trainer:
         if self.resume_from:
             ckpt.load_training_state(self.acc, self.resume_from / ckpt.STATE, self.precision.scaler)
             self.state = TrainState.from_dict(self.meta["train_state"], self.resume_from / ckpt.META)
+            self.aids.resume(self.resume_from)
             self._new_segment()
             if self.main and self.resume_from == self.out / "last":
                 self._say(ckpt.reconcile_best(self.out, self.meta))
+                self._say(reconcile_best_ema(self.out, self.meta))
         self._start_tracking()
 
     def _new_segment(self):
@@ -206,6 +211,8 @@ class Trainer:
                             for e in range(t.epochs)]
         self.total_steps = sum(self.epoch_steps)
         for epoch in range(s.epoch, t.epochs):
+            if self.aids.stop_early(s, self.device, self._say):
+                break
             stopped = self.run_epoch(epoch)
             done = s.micro_in_epoch >= self.epoch_steps[epoch] * t.grad_accum
             if done:
@@ -256,6 +263,7 @@ class Trainer:
         self.precision.unscale_(self.optimizer)
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         skipped = self.precision.step(self.optimizer)  # DeepSpeed stepped inside backward; this is then a no-op
+        self.aids.after_step(self.acc.unwrap_model(self.model))  # the InfoNCE temperature's clamp, the EMA
         self.optimizer.zero_grad(set_to_none=True)
         if skipped or self.acc.optimizer_step_was_skipped:
             s.skipped_steps += 1  # fp16 overflow: the update was not applied
@@ -285,10 +293,13 @@ class Trainer:
                                      f"lower optim.lr or use train.mixed_precision=bf16/no")
 
     def end_of_epoch(self, label):
-        """Dev evaluation, then DIR/last (recording a new best), then DIR/best promoted from it (itr.rundir)."""
+        """Dev evaluation (and the EMA's), then DIR/last (recording a new best), then DIR/best (and DIR/best_ema)
+        promoted from it (itr.rundir)."""
         r, s = self.recipe, self.state
-        metrics, _ = evaluate_model(self.acc.unwrap_model(self.model), self.dev, self.tokenizer, r.eval, self.device,
-                                    self.rank, self.world)
+        dev = lambda m: evaluate_model(m, self.dev, self.tokenizer, r.eval, self.device, self.rank,  # noqa: E731
+                                       self.world)[0]
+        metrics = dev(self.acc.unwrap_model(self.model))
+        ema, ema_improved = self.aids.evaluate(self.acc.unwrap_model(self.model), dev, s, label)
         improved = False
         if self.main:
             score = metrics[r.eval.best_metric]
@@ -299,10 +310,13 @@ class Trainer:
             s.history["dev"].append([label, metrics])
             tqdm.write(format_table(metrics, f"dev after epoch {label} (best {r.eval.best_metric} "
                                              f"{s.best:.1f} at epoch {s.best_epoch})"))
+            self.aids.report(ema, self.tracker, s, label)
         s.pending_eval = False
         self.save_checkpoint()
         if self.main and improved:
             ckpt.promote(self.out / "last", self.out / "best", self.checkpoint_meta())
+        if self.main and ema_improved:
+            promote_ema(self.out, self.checkpoint_meta())
         self.acc.wait_for_everyone()
 
     def _report_skipped(self, epoch):
@@ -322,7 +336,7 @@ class Trainer:
     def save_checkpoint(self):
         """DIR/last: weights, training state, tokenizer, recipe (collective: every rank calls it)."""
         ckpt.save(self.out / "last", self.acc, self.model, self.rd, self.tokenizer, self.checkpoint_meta(),
-                  deepspeed=self.deepspeed, scaler=self.precision.scaler)
+                  deepspeed=self.deepspeed, scaler=self.precision.scaler, extra=self.aids.files())
 
     # ------------------------------------------------------------------ finish
 
@@ -333,6 +347,7 @@ class Trainer:
                    "experiment_id": self.tracker.experiment_id, "global_step": s.global_step, "world_size": self.world,
                    "optimizer_impl": self.optimizer_impl}
         test = final_test(r, self.out, self.device, self.rank, self.world)
+        results.update(self.aids.test(r, self.out, self.device, self.rank, self.world, self.tracker, s.global_step))
         if self.main:
             if test is not None:
                 results["test"] = test

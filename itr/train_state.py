@@ -3,14 +3,15 @@
 It is saved as ``train_state`` in a checkpoint's ``itr.json``; its field names are that JSON's keys, so a rename
 here is a format change: bump ``VERSION`` and teach ``from_dict`` the older layout. Layouts: 1 (itr 0.1 up to
 49c3d5a, no ``version`` key, no ``best_step``), 2 (``best_step``, the step the best dev score was reached at), 3
-(``segments``, the parts of the current epoch run on another data-stream shape: ``itr.data.segments``).
+(``segments``, the parts of the current epoch run on another data-stream shape: ``itr.data.segments``), 4 (``ema_best*``,
+the best dev score of the weights' moving average: ``itr.aids``).
 """
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from itr.errors import CheckpointError
 
-VERSION = 3
+VERSION = 4
 
 
 @dataclass
@@ -22,6 +23,10 @@ class TrainState:
     best_epoch: Optional[int] = None
     best_step: Optional[int] = None
     best_dev: Optional[dict] = None  # every dev metric at the best
+    ema_best: Optional[float] = None  # the same for the EMA of the weights (train.ema_decay)
+    ema_best_epoch: Optional[int] = None
+    ema_best_step: Optional[int] = None
+    ema_best_dev: Optional[dict] = None
     run_id: Optional[str] = None  # the MLflow run a resumed run keeps logging to
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed (not applied)
     pending_eval: bool = False  # stopped by a signal right after an epoch's last step: evaluate first on resume

@@ -115,3 +115,14 @@ def test_convert_benchmark_times_both_converters_with_one_and_two_workers_and_sa
     assert [(r[0], r[1]) for r in rows] == [("precomp", "1"), ("precomp", "2"), ("tsv", "1"), ("tsv", "2")], out
     assert all(float(r[3]) > 0 for r in rows) and rows[0][4] == "1.00x", out
     assert "same shards with 1 and 2 workers: True" in out, out
+
+
+def test_f8k_ridge_baseline_chooses_the_ridge_on_dev(f8k):
+    """Toy size (120 training images, 30 dev / test): the ridge with the best dev rsum is the one tested."""
+    out = _bench("f8k_ridge_baseline.py", "--tiny", "--data", f8k, "--alphas", 0.3, 3, 30, timeout=600)
+    for kind in ("bow", "minilm"):
+        dev = dict(p.split(": ") for p in out.split(f"{kind}: dev rsum by alpha: ")[1].splitlines()[0].split(", "))
+        best = max(dev, key=lambda a: float(dev[a]))
+        assert f"{kind} ridge (alpha {best}, chosen on dev rsum {dev[best]})" in out, out
+        row = next(line.split() for line in out.splitlines() if line.startswith(f"{kind} ") and len(line.split()) == 10)
+        assert row[1] == best and 0 < float(row[-1]) <= 600, out

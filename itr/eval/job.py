@@ -22,8 +22,8 @@ def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, worl
                             world, progress, topk, save_sims, state, state_every)
 
 
-def final_test(recipe, out, device, rank, world):
-    """Evaluate DIR/best on the test split (every rank embeds a slice), if the data has one."""
+def final_test(recipe, out, device, rank, world, name="best"):
+    """Evaluate DIR/best (or DIR/``name``) on the test split (every rank embeds a slice), if the data has one."""
     from itr import checkpoint as ckpt
     from itr.data.sources import data_kind, data_root, load_split
     from itr.errors import DataError
@@ -35,7 +35,7 @@ def final_test(recipe, out, device, rank, world):
         if rank == 0:
             print(f"[itr] no {recipe.data.test_split!r} split in {root}: skipping the test evaluation", flush=True)
         return None
-    model, tokenizer, _, _ = ckpt.load_for_eval(out / "best", device)
+    model, tokenizer, _, _ = ckpt.load_for_eval(out / name, device)
     split = load_split(root, recipe.data.test_split, recipe.data.image_size, verify=recipe.data.verify)
     metrics, _ = evaluate_model(model, split, tokenizer, recipe.eval, device, rank, world)
     return metrics
@@ -133,6 +133,8 @@ class EvalRequest:
     report: str | Path | None = None  # write the report page (itr.report) into this folder
     report_queries: int = 10  # queries sampled each way for the report, failures first
     report_images: str | Path | None = None  # a folder of the split's images, named by their ids (thumbnails)
+    ensemble: list | None = None  # checkpoints whose similarities are averaged (``itr.eval.ensemble``)...
+    weights: str | None = None  # ...with these weights, "w1,w2,..." (default: equal)
 
     @property
     def logs_to_mlflow(self):
@@ -170,6 +172,8 @@ def run_eval(request, data=None, split=None, **options):
         req = request
     else:
         req = EvalRequest(request, data, split, **options)
+    if req.ensemble:
+        raise TypeError("an ensemble request goes to itr.eval.ensemble.run_ensemble")
     rank, world, job_device = init_job()
     model, tokenizer, recipe, meta = load_for_eval(req.checkpoint, req.device or job_device)
     if req.chunk_size:

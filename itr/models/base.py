@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from itr.distributed import pad_cat
+from itr.errors import ConfigError
 from itr.modules.losses import LossConfig, build_loss
 
 
@@ -71,10 +72,22 @@ class MatchingModel(nn.Module):
     loss_reduction = "sum"
     # True: the model reads ``feat_lens`` (variable region counts, features zero padded past them)
     takes_region_lens = False
+    # False for token-level cross-attention models: their losses are the hinge on score tiles only.
+    global_embeddings = True
 
     def __init__(self, loss_cfg=None):
         super().__init__()
-        self.criterion = build_loss(loss_cfg if loss_cfg is not None else LossConfig())
+        loss_cfg = loss_cfg if loss_cfg is not None else LossConfig()
+        if loss_cfg.name != "hinge" and not self.global_embeddings:
+            raise ConfigError(f"loss.name={loss_cfg.name}: {type(self).__name__} scores pairs by token-level cross "
+                              f"attention; its losses are defined for loss.name=hinge only")
+        self.criterion = build_loss(loss_cfg)
+        if self.criterion.reduction == "mean":
+            self.loss_reduction = "mean"  # the trainer logs a mean loss as it is
+
+    def after_optimizer_step(self):
+        """The trainer calls this after every optimizer step (the InfoNCE temperature's clamp)."""
+        self.criterion.after_step()
 
     # -- to implement
     def embed(self, batch):

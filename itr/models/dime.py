@@ -182,6 +182,7 @@ class DIMEConfig:
 
 @MODELS.register("dime", DIMEConfig)
 class DIME(MatchingModel):
+    global_embeddings = False
     def __init__(self, cfg: DIMEConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.direction not in ("i2t", "t2i"):

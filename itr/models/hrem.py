@@ -37,7 +37,6 @@ from itr.models.base import MatchingModel, region_lens
 from itr.modules.encoders import text_entry
 from itr.modules.fragments import FCMLP, CaptionAugment, avg_pool, drop_regions, maxk_pool
 from itr.modules.gpo import GPO
-from itr.modules.losses import hinge_loss
 from itr.modules.ops import l2norm, length_mask
 from itr.registry import MODELS
 from itr.schema import component, param
@@ -295,10 +294,8 @@ class HREM(MatchingModel):
     def pair_loss(self, kind, im, s, ids, lo, hi, epoch, gen):
         """Loss of the queries im[lo:hi] (against all s) and s[lo:hi] (against all im); a sum."""
         lc = self.loss_cfg
-        if kind == "vse":  # lib/loss.py ContrastiveLoss with mask_repeat
-            return hinge_loss(im[lo:hi], s[lo:hi], ids[lo:hi], margin=lc.margin,
-                              max_violation=self.criterion.max_violation(epoch),
-                              mask_same_image=lc.mask_same_image, img_all=im, cap_all=s, ids_all=ids, offset=lo)
+        if kind == "vse":  # lib/loss.py ContrastiveLoss with mask_repeat (or loss.name=infonce)
+            return self.criterion.on_embeddings(im[lo:hi], s[lo:hi], ids[lo:hi], im, s, ids, lo, epoch)
         sim = im @ s.t()
         if lc.mask_same_image:  # lib/loss.py pos_neg_mask: pairs of the same image are positives
             pos = ids[:, None] == ids[None, :]

@@ -155,6 +155,7 @@ class SCANConfig:
 
 @MODELS.register("scan", SCANConfig)
 class SCAN(MatchingModel):
+    global_embeddings = False
     def __init__(self, cfg: SCANConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.direction not in ("t2i", "i2t"):

@@ -241,7 +241,8 @@ class SentenceMatcher(MatchingModel):
             raise ConfigError(f"sentence_matcher embeds raw images, but data.root holds {img_dim}-d precomputed "
                               f"features: point it at image shards (`itr shard images`)")
         self.cfg = cfg
-        self.loss_reduction = cfg.loss_reduction  # the trainer logs a mean loss as it is
+        if self.criterion.cfg.name == "hinge":
+            self.loss_reduction = cfg.loss_reduction  # the trainer logs a mean loss as it is
         self.loss_cfg = self.criterion.cfg
         self.img_enc = ResNetImageEncoder(cfg.image.config, img_dim, cfg.embed_dim, cfg.mlp_dim, cfg.dropout)
         _, tcfg = text_entry(cfg.text)
@@ -259,6 +260,8 @@ class SentenceMatcher(MatchingModel):
     def batch_loss(self, emb, img_ids, epoch):
         """This rank's sentences against the images of the global batch (gathered with gradients:
         a partner image on another rank gets its gradient back there)."""
+        if self.criterion.cfg.name != "hinge":  # loss.name=infonce: every pair of the global batch
+            return self.criterion(emb, {"img_ids": img_ids}, epoch)
         cap, world = emb["cap"], torch.distributed.get_world_size() if is_distributed() else 1
         c, img_ids, offset = self.criterion.candidates({"img": emb["img"]}, img_ids)
         img = c["img"]

@@ -98,6 +98,7 @@ class TERANConfig:
 
 @MODELS.register("teran", TERANConfig)
 class TERAN(MatchingModel):
+    global_embeddings = False
     def __init__(self, cfg: TERANConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.pos_encoding not in POS_ENCODINGS:

@@ -123,6 +123,7 @@ class TGDTConfig:
 
 @MODELS.register("tgdt", TGDTConfig)
 class TGDT(MatchingModel):
+    global_embeddings = False
     def __init__(self, cfg: TGDTConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.test_mode not in ("global", "local", "sum"):

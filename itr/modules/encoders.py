@@ -7,6 +7,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -23,6 +24,10 @@ from itr.schema import param
 class PrecompImageConfig:
     pool: str = param("mean", "mean or max over regions after the FC (pooled (N, D) features have one region)")
     norm: bool = param(True, "L2-normalize the image embedding (VSE++: no_imgnorm=False)")
+    head: str = param("linear", "the head on the (frozen, precomputed) features: linear (VSE++'s FC) or mlp "
+                                "(FC, ReLU, FC)", choices=("linear", "mlp"))
+    head_hidden: int = param(1024, "head=mlp: hidden width", min=1)
+    dropout: float = param(0.0, "training: dropout on the head's input (and hidden layer)", min=0.0, max=0.99)
 
 
 @IMAGE_ENCODERS.register("precomp", PrecompImageConfig)
@@ -34,16 +39,26 @@ class PrecompImageEncoder(nn.Module):
         if cfg.pool not in ("mean", "max"):
             raise ConfigError(f"model.image.pool must be mean or max, got {cfg.pool!r}")
         self.cfg = cfg
-        self.fc = nn.Linear(img_dim, embed_dim)
+        width = cfg.head_hidden if cfg.head == "mlp" else embed_dim
+        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(img_dim, width)
         # Xavier uniform as VSE++: r = sqrt(6) / sqrt(in + out), bias 0.
-        r = (6.0 ** 0.5) / ((img_dim + embed_dim) ** 0.5)
+        r = (6.0 ** 0.5) / ((img_dim + width) ** 0.5)
         nn.init.uniform_(self.fc.weight, -r, r)
         nn.init.zeros_(self.fc.bias)
+        self.fc2 = mlp_tail(width, embed_dim, cfg.dropout) if cfg.head == "mlp" else None
 
     def forward(self, feats):
-        x = self.fc(feats.to(self.fc.weight.dtype))
+        x = self.fc(self.drop(feats.to(self.fc.weight.dtype)))
+        if self.fc2 is not None:
+            x = self.fc2(x)
         x = x.mean(1) if self.cfg.pool == "mean" else x.max(1).values
         return l2norm(x) if self.cfg.norm else x
+
+
+def mlp_tail(width, out_dim, dropout):
+    """The rest of an MLP head after its first layer: ReLU, dropout, linear."""
+    return nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, out_dim))
 
 
 # ----------------------------------------------------------------------------- text
@@ -93,6 +108,13 @@ class HFTextConfig:
     freeze: bool = param(False, "keep all pretrained weights fixed (only the projection trains)")
     freeze_layers: int = param(0, "keep the embeddings and the first N transformer layers fixed (partial freeze)")
     grad_checkpointing: bool = param(False, "activation checkpointing in the transformer: less memory, ~30% more compute")
+    frozen_features: bool = param(False, "with freeze: the backbone runs in eval mode (no dropout) and without a "
+                                         "graph, fixed features under a trained head (the counterpart of a ridge "
+                                         "map of frozen sentence embeddings)")
+    head: str = param("linear", "the projection: linear, or mlp (FC, ReLU, FC; the ReLU after pooling)",
+                      choices=("linear", "mlp"))
+    head_hidden: int = param(1024, "head=mlp: hidden width", min=1)
+    dropout: float = param(0.0, "training: dropout on the projection's input (and hidden layer)", min=0.0, max=0.99)
 
 
 def resolve_hf_path(spec: str) -> str:
@@ -175,21 +197,35 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         if cfg.pool not in ("mean", "cls"):
             raise ConfigError(f"model.text.pool must be mean or cls, got {cfg.pool!r}")
+        if cfg.frozen_features and not cfg.freeze:
+            raise ConfigError("model.text.frozen_features needs model.text.freeze=true")
         self.cfg = cfg
         self.backbone = load_backbone(cfg)
         if getattr(self.backbone, "pooler", None) is not None:
             self.backbone.pooler = None  # never used: an unused trained parameter stalls DDP's reducer
-        self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
+        width = cfg.head_hidden if cfg.head == "mlp" else embed_dim
+        self.drop = nn.Dropout(cfg.dropout)
+        self.proj = nn.Linear(self.backbone.config.hidden_size, width)
+        self.proj2 = mlp_tail(width, embed_dim, cfg.dropout) if cfg.head == "mlp" else None
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.cfg.frozen_features:
+            self.backbone.eval()
+        return self
 
     def forward(self, ids, lens):
         mask = length_mask(lens, ids.shape[1])
-        out = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        x = self.proj(out)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen_features):
+            out = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        x = self.proj(self.drop(out))  # linear, so projecting every token then pooling = pooling then projecting
         if self.cfg.pool == "cls":
             x = x[:, 0]
         else:
             m = mask.unsqueeze(-1).to(x.dtype)
             x = (x * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.proj2 is not None:  # the MLP's rest on the pooled sentence vector
+            x = self.proj2(x)
         return l2norm(x)
 
     @staticmethod

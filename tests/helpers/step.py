@@ -87,6 +87,10 @@ SENTENCE_MATCHER = {"model": {
 # model (uint8 pixels instead of region features); "img_ids"; "build": a model class instead of the registry's.
 MODELS = {
     "vsepp": {"recipe": {"model": {"name": "vsepp", "embed_dim": 16, "text": GRU}}},
+    # InfoNCE: the learnable temperature is a batch-level parameter (criterion.logit_scale)
+    "vsepp_infonce": {"recipe": {"model": {"name": "vsepp", "embed_dim": 16, "text": GRU}, "loss": {"name": "infonce"}}},
+    "vsepp_infonce_multi": {"recipe": {"model": {"name": "vsepp", "embed_dim": 16, "text": GRU},
+                                       "loss": {"name": "infonce", "multi_positive": True}}},
     "vsepp_head": {"recipe": {"model": {"name": "vsepp", "embed_dim": 16, "text": GRU}}, "build": WithBatchHead},
     # the instance level (transformer with dropout 0.1, relation MLPs, sampled triplet negatives) live
     "hrem_trip": {"recipe": _hrem("trip"), "epoch": 1, "eval": ["img_fc", "img_rel", "txt_enc", "txt_rel"]},
