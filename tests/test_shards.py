@@ -159,3 +159,32 @@ def test_boxes_of_the_wrong_shape_name_the_file(tmp_path):
     np.save(tmp_path / "train_boxes.npy", np.zeros((4, 2, 4), np.float32))
     with pytest.raises(DataError, match="train_boxes.npy"):
         open_precomp(tmp_path, "train")
+
+
+def test_jobs_sharding_one_source_at_once_wait_for_each_other(tmp_path, tiny_data):
+    """A sweep's jobs start together on one precomp directory: one shards it, the others wait for the lock (a
+    job that went ahead used to delete its sibling's temporary shard), then all read the same shards."""
+    import subprocess
+    import sys
+    import time
+
+    from itr.config import DataConfig
+    from itr.data.sources import shard_cache_dir, sharding_lock
+
+    from conftest import ROOT
+
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))  # ITR_CACHE: this test's (conftest)
+    code = ("from itr.config import DataConfig; from itr.data.sources import ensure_shards; "
+            f"m = ensure_shards(DataConfig(root={str(tiny_data)!r}, images_per_shard=20), 'train', progress=False); "
+            "print(len(m['shards']))")
+    run = lambda: subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,  # noqa: E731
+                                   stderr=subprocess.PIPE, text=True)
+    out = shard_cache_dir(tiny_data, DataConfig().dtype, 20)
+    with sharding_lock(out):
+        blocked = run()
+        time.sleep(3)
+        assert blocked.poll() is None and not (out / "train.manifest.json").exists()  # waiting, nothing written
+    jobs = [blocked, run(), run()]
+    for p in jobs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0 and stdout.split()[-1] == "8", stderr[-2000:]

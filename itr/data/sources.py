@@ -1,4 +1,5 @@
 """Where a recipe's data comes from: a precomp directory (sharded on first use) or a shard directory."""
+import contextlib
 import hashlib
 import io
 import json
@@ -58,11 +59,13 @@ def ensure_shards(data_cfg, split, is_main=True, barrier=lambda: None, progress=
     else:
         out = resolve_path(data_cfg.shard_dir) if data_cfg.shard_dir else shard_cache_dir(root, data_cfg.dtype, data_cfg.images_per_shard)
         if is_main and not mf.is_shard_dir(out, split):
-            from itr.shards.precomp import shard_precomp
+            with sharding_lock(out):  # another job (a sweep's sibling) may be sharding the same source now
+                if not mf.is_shard_dir(out, split):
+                    from itr.shards.precomp import shard_precomp
 
-            print(f"[itr] sharding {root} split {split!r} -> {out}", flush=True)
-            shard_precomp(root, split, out, dtype=data_cfg.dtype, images_per_shard=data_cfg.images_per_shard,
-                          force=True, progress=progress)
+                    print(f"[itr] sharding {root} split {split!r} -> {out}", flush=True)
+                    shard_precomp(root, split, out, dtype=data_cfg.dtype, images_per_shard=data_cfg.images_per_shard,
+                                  force=True, progress=progress)
         barrier()
     m = open_manifest(out, split)
     if is_main:
@@ -72,6 +75,21 @@ def ensure_shards(data_cfg, split, is_main=True, barrier=lambda: None, progress=
         mf.verify_shards(m, data_cfg.verify, progress=progress, on_bad=note)
     barrier()
     return m
+
+
+@contextlib.contextmanager
+def sharding_lock(out):
+    """An exclusive lock on the cache folder ``out`` across processes (flock): jobs started together on one
+    source shard it once; the others wait, then find it done."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".sharding.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def open_manifest(root, split):
