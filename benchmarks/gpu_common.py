@@ -165,7 +165,8 @@ def tiny_bert(path, config):
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    # the vocabulary positionally: transformers 5 ignores vocab_file= (a 5-token vocabulary, every word [UNK])
+    BertTokenizerFast(str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         BertModel(BertConfig(**{"vocab_size": 30522, **config})).save_pretrained(path)

@@ -80,7 +80,8 @@ def tiny_bert(tmp_path_factory):
     words |= {w.strip(",") for t in TEMPLATES for w in t.replace("{0}", "").split()} | {"a", "an", "and", ","}
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    # the vocabulary positionally: transformers 5 ignores vocab_file= (a 5-token vocabulary, every word [UNK])
+    BertTokenizerFast(str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
     import torch
