@@ -230,3 +230,22 @@ def assert_split_steps_equal(model, splits, bert=None, **options):
         for a, got in zip(accums, launch_steps(procs, *[(model, a, options) for a in accums], bert=bert)):
             assert_same_step(got, ref, f"{model}, {procs} ranks x {a} micro-batches")
     return ref
+
+
+@pytest.fixture(scope="session")
+def manifest(tiny_data, tmp_path_factory):
+    """tiny_data's train split in 7 uneven shards of 160 images (the loader and segment tests)."""
+    from itr.data.manifest import load_manifest
+    from itr.shards.precomp import shard_precomp
+
+    out = tmp_path_factory.mktemp("uneven_shards")
+    shard_precomp(tiny_data, "train", out, images_per_shard=23, progress=False)
+    return load_manifest(out, "train")
+
+
+@pytest.fixture(scope="session")
+def vocab(manifest):
+    from itr.data.sources import split_captions
+    from itr.data.text import WordVocab
+
+    return WordVocab.build(split_captions(manifest))

@@ -3,24 +3,9 @@ loaders emit, and the rest of an epoch dealt to new ranks holds every pair not y
 import pytest
 
 from itr.data.loader import TrainLoader, batches_per_epoch
-from itr.data.manifest import load_manifest
 from itr.data.plan import plan_epoch
 from itr.data.segments import Shape, rank_order, shard_index, stream_plan
-from itr.data.sources import split_captions
-from itr.data.text import WordVocab
-from itr.shards.precomp import shard_precomp
 
-
-@pytest.fixture(scope="module")
-def manifest(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    shard_precomp(tiny_data, "train", out, images_per_shard=23, progress=False)  # 7 uneven shards of 160 images
-    return load_manifest(out, "train")
-
-
-@pytest.fixture(scope="module")
-def vocab(manifest):
-    return WordVocab.build(split_captions(manifest))
 
 
 def loader(manifest, vocab, shape, rank, seed=0):
