@@ -16,17 +16,9 @@ import numpy as np
 import torch
 
 from itr.errors import ConfigError
+from itr.eval.topk import merge_topk as _merge
 
 KINDS = ("flat", "ivf", "hnsw")
-
-
-def _merge(scores, ids, k):
-    """The k best of each row, sorted: score descending, then index ascending."""
-    if scores.shape[1] > k:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        scores, ids = np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
-    order = np.lexsort((ids, -scores), axis=-1)
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 @torch.no_grad()

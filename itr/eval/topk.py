@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 
-def _merge(scores, ids, k):
+def merge_topk(scores, ids, k):
     """The k best of each row of (scores, ids), sorted (score descending, then index ascending)."""
     if scores.shape[1] > k:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -33,10 +33,10 @@ class TopK:
         h, w = tile.shape
         rs, cs = slice(i0, i0 + h), slice(j0, j0 + w)
         cand = np.broadcast_to(np.arange(j0, j0 + w), (h, w))
-        self.s_i2t[rs], self.c_i2t[rs] = _merge(np.concatenate([self.s_i2t[rs], tile], 1),
+        self.s_i2t[rs], self.c_i2t[rs] = merge_topk(np.concatenate([self.s_i2t[rs], tile], 1),
                                                 np.concatenate([self.c_i2t[rs], cand], 1), self.k_i2t)
         cand = np.broadcast_to(np.arange(i0, i0 + h), (w, h))
-        self.s_t2i[cs], self.c_t2i[cs] = _merge(np.concatenate([self.s_t2i[cs], tile.T], 1),
+        self.s_t2i[cs], self.c_t2i[cs] = merge_topk(np.concatenate([self.s_t2i[cs], tile.T], 1),
                                                 np.concatenate([self.c_t2i[cs], cand], 1), self.k_t2i)
 
     def arrays(self):
@@ -66,7 +66,7 @@ class TopK:
                 s, c = getattr(self, f"s_{side}"), getattr(self, f"c_{side}")
                 s_all = gather_no_grad(torch.from_numpy(s)).numpy().reshape(world, *s.shape)
                 c_all = gather_no_grad(torch.from_numpy(c)).numpy().reshape(world, *c.shape)
-                s, c = _merge(np.concatenate(list(s_all), 1), np.concatenate(list(c_all), 1), k)
+                s, c = merge_topk(np.concatenate(list(s_all), 1), np.concatenate(list(c_all), 1), k)
                 setattr(self, f"s_{side}", s)
                 setattr(self, f"c_{side}", c)
         return self if rank == 0 else None

@@ -95,3 +95,14 @@ def schedule(opt, lr, lr_update, epochs, batch):
              "lr_decay": opt.get("lr_decay_gamma", 0.1)},
             {"epochs": opt.get("num_epochs", epochs), "batch_size": opt.get("batch_size", batch),
              "grad_clip": opt.get("grad_clip", 2.0)})
+
+
+def paper_hinge(opt, warmup_epochs=0):
+    """The VSE++ ContrastiveLoss section of the references: it clears the diagonal only (no same-image mask)."""
+    return {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", False)),
+            "warmup_epochs": warmup_epochs, "mask_same_image": False}
+
+
+def eval_section(data):
+    """COCO is scored 1K 5-fold (and 5K), Flickr30K 1K, as the papers report."""
+    return {"protocol": "coco-5fold" if data["name"] == "coco" else "1k"}

@@ -20,6 +20,7 @@ Refused, naming the option: ``precomp_enc_type`` other than basic (itr's scan ha
 Vocabulary: the repository's ``vocab/{data_name}_vocab.json`` (vocab.py@19e8d2f ``serialize_vocab``).
 """
 from itr.errors import CheckpointError
+from itr.imports.common import eval_section, paper_hinge, schedule
 from itr.imports.vsepp import data_section, two_parts
 from itr.models.scan import AGG_FUNCS, RAW_NORMS
 
@@ -66,6 +67,7 @@ def convert(ckpt, opt, req):
     weights = scan_weights(img, txt, req.ckpt)
     bi_gru = bool(opt.get("bi_gru", any(k.endswith("_reverse") for k in txt)))
     data = data_section(opt, req)
+    optim, train = schedule(opt, lr=2e-4, lr_update=15, epochs=30, batch=128)
     recipe = {
         "model": {"name": "scan", "embed_dim": opt.get("embed_size", img["fc.weight"].shape[0]),
                   "direction": o["cross_attn"], "lambda_softmax": float(o["lambda_softmax"]),
@@ -76,12 +78,9 @@ def convert(ckpt, opt, req):
                            "num_layers": o["num_layers"], "bidirectional": bi_gru, "min_count": 4,
                            "mask_word": False}},
         "data": data,
-        "loss": {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", False)),
-                 "warmup_epochs": 0, "mask_same_image": False},  # ContrastiveLoss clears the diagonal only
-        "optim": {"name": "adam", "lr": opt.get("learning_rate", 2e-4), "lr_update": opt.get("lr_update", 15),
-                  "lr_decay": 0.1},
-        "train": {"epochs": opt.get("num_epochs", 30), "batch_size": opt.get("batch_size", 128),
-                  "grad_clip": opt.get("grad_clip", 2.0)},
-        "eval": {"protocol": "coco-5fold" if data["name"] == "coco" else "1k"},
+        "loss": paper_hinge(opt),  # ContrastiveLoss clears the diagonal only
+        "optim": optim,
+        "train": train,
+        "eval": eval_section(data),
     }
     return {"recipe": recipe, "weights": weights, "img_dim": img["fc.weight"].shape[1]}

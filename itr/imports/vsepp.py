@@ -14,6 +14,7 @@ training schedule (learning_rate, lr_update, num_epochs, batch_size, grad_clip) 
 embedding variant (``measure: order``, ``use_abs``) is not an itr model and is refused.
 """
 from itr.errors import CheckpointError
+from itr.imports.common import eval_section, paper_hinge, schedule
 
 DATA = {"f30k_precomp": "f30k", "coco_precomp": "coco", "f8k_precomp": "f8k", "10crop_precomp": "f30k"}
 
@@ -53,18 +54,16 @@ def convert(ckpt, opt, req):
     if extra:
         raise CheckpointError(f"{req.ckpt}: text encoder keys {extra} are not VSE++'s EncoderText")
     embed = opt.get("embed_size", img["fc.weight"].shape[0])
+    optim, train = schedule(opt, lr=2e-4, lr_update=15, epochs=30, batch=128)
     recipe = {
         "model": {"name": "vsepp", "embed_dim": embed,
                   "image": {"name": "precomp", "pool": "mean", "norm": not opt.get("no_imgnorm", False)},
                   "text": {"name": "gru", "word_dim": opt.get("word_dim", txt["embed.weight"].shape[1]),
                            "num_layers": layers, "bidirectional": False}},
         "data": data_section(opt, req),
-        "loss": {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", False)),
-                 "warmup_epochs": 0, "mask_same_image": False},
-        "optim": {"name": "adam", "lr": opt.get("learning_rate", 2e-4), "lr_update": opt.get("lr_update", 15),
-                  "lr_decay": 0.1},
-        "train": {"epochs": opt.get("num_epochs", 30), "batch_size": opt.get("batch_size", 128),
-                  "grad_clip": opt.get("grad_clip", 2.0)},
-        "eval": {"protocol": "coco-5fold" if data_section(opt, req)["name"] == "coco" else "1k"},
+        "loss": paper_hinge(opt),  # ContrastiveLoss clears the diagonal only
+        "optim": optim,
+        "train": train,
+        "eval": eval_section(data_section(opt, req)),
     }
     return {"recipe": recipe, "weights": weights, "img_dim": img["fc.weight"].shape[1]}

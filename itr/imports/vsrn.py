@@ -26,6 +26,7 @@ always normalizes the image embedding), a full-image model (``cnn.*``: EncoderIm
 Vocabulary: the repository's ``vocab/{data_name}_vocab.pkl`` (vocab.py ``Vocabulary`` pickles).
 """
 from itr.errors import CheckpointError
+from itr.imports.common import eval_section, paper_hinge, schedule
 from itr.imports.vsepp import data_section, two_parts
 
 # GCN_lib/Rs_GCN.py names -> itr.models.vsrn.RsGCN names
@@ -90,6 +91,7 @@ def vsrn_recipe(name, opt, req, img, txt, layers):
     """The recipe of a VSRN-based model from the checkpoint's options (captioner off: it is not saved)."""
     embed = img["fc.weight"].shape[0]
     data = data_section(opt, req)
+    optim, train = schedule(opt, lr=2e-4, lr_update=15, epochs=30, batch=128)
     return {
         "model": {"name": name, "embed_dim": opt.get("embed_size", embed), "gcn_layers": layers,
                   "fc_norm": "bn.weight" not in img, "out_bn": "bn.weight" in img, "l2_axis": "regions",
@@ -99,13 +101,10 @@ def vsrn_recipe(name, opt, req, img, txt, layers):
                   "caption_hidden": opt.get("dim_hidden", 512), "caption_word_dim": opt.get("dim_word", 300),
                   "caption_max_len": opt.get("max_len", 60), "caption_dropout": opt.get("input_dropout_p", 0.2)},
         "data": data,
-        "loss": {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", False)),
-                 "warmup_epochs": 0, "mask_same_image": False},  # ContrastiveLoss clears the diagonal only
-        "optim": {"name": "adam", "lr": opt.get("learning_rate", 2e-4), "lr_update": opt.get("lr_update", 15),
-                  "lr_decay": 0.1},
-        "train": {"epochs": opt.get("num_epochs", 30), "batch_size": opt.get("batch_size", 128),
-                  "grad_clip": opt.get("grad_clip", 2.0)},
-        "eval": {"protocol": "coco-5fold" if data["name"] == "coco" else "1k"},
+        "loss": paper_hinge(opt),  # ContrastiveLoss clears the diagonal only
+        "optim": optim,
+        "train": train,
+        "eval": eval_section(data),
     }
 
 
