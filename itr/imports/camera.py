@@ -19,7 +19,8 @@ for fine-tuning. Refused: an AGSA of more layers or with shared projections (``i
 CAMERA's model.py never builds, and a ``--bert`` directory whose config is not the checkpoint's BERT.
 """
 from itr.errors import CheckpointError
-from itr.imports.common import bert_rules, check_bert_dir, layernorm_names, rename, schedule, state_parts
+from itr.imports.common import (bert_rules, check_bert_dir, eval_section, layernorm_names, paper_hinge, rename,
+                                schedule, state_parts)
 from itr.imports.vsepp import data_section
 
 REPO = "LgQu/CAMERA"
@@ -72,11 +73,10 @@ def camera_recipe(opt, req, img, name="camera"):
                   "div_weight": opt.get("smry_lamda", 0.01), "dropout": opt.get("drop", 0.0), "l2_axis": "regions",
                   "pad_tokens": max_words, "text": {"name": "hf", "freeze": True}},
         "data": data,
-        "loss": {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", False)),
-                 "warmup_epochs": 0, "mask_same_image": False},
+        "loss": paper_hinge(opt),
         "optim": optim,
         "train": train,
-        "eval": {"protocol": "coco-5fold" if data["name"] == "coco" else "1k"},
+        "eval": eval_section(data),
     }
 
 

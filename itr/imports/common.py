@@ -97,9 +97,9 @@ def schedule(opt, lr, lr_update, epochs, batch):
              "grad_clip": opt.get("grad_clip", 2.0)})
 
 
-def paper_hinge(opt, warmup_epochs=0):
+def paper_hinge(opt, warmup_epochs=0, max_violation=False):
     """The VSE++ ContrastiveLoss section of the references: it clears the diagonal only (no same-image mask)."""
-    return {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", False)),
+    return {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", max_violation)),
             "warmup_epochs": warmup_epochs, "mask_same_image": False}
 
 

@@ -20,8 +20,8 @@ raw_feature_norm_CMRC other than clipped_l2norm, measure=order, use_abs, no_imgn
 (``cnn.*``). Not read: extra_stc / extra_img (extra sampled negatives in training; itr samples none).
 """
 from itr.errors import CheckpointError
-from itr.imports.common import (bert_rules, check_bert_dir, layernorm_names, option, rename, schedule,
-                                state_parts)
+from itr.imports.common import (bert_rules, check_bert_dir, eval_section, layernorm_names, option, paper_hinge,
+                                rename, schedule, state_parts)
 from itr.imports.vsepp import data_section
 
 REPO = "LgQu/DIME"
@@ -77,11 +77,10 @@ def dime_recipe(opt, req, direction, img, itr):
                   "path_hid": itr["path_mapping.weight"].shape[0], "trade_off": opt.get("trade_off", 0.5),
                   "pad_tokens": max_words, "text": {"name": "hf_words", "freeze": True}},
         "data": data,
-        "loss": {"margin": opt.get("margin", 0.2), "max_violation": bool(opt.get("max_violation", True)),
-                 "warmup_epochs": 0, "mask_same_image": False},
+        "loss": paper_hinge(opt, max_violation=True),
         "optim": optim,
         "train": train,
-        "eval": {"protocol": "coco-5fold" if data["name"] == "coco" else "1k"},
+        "eval": eval_section(data),
     }
 
 
