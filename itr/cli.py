@@ -55,8 +55,8 @@ def _eval_request(a):
     if a.weights and not a.ensemble:
         raise ConfigError("--weights needs --ensemble")
     return (EvalRequest(a.checkpoint[0], a.data, a.split, protocol=a.protocol, json_out=a.json, save_sims=a.save_sims,
-                         chunk_size=a.chunk_size, batch_size=a.batch_size, device=a.device, two_stage=a.two_stage,
-                         shortlist=a.shortlist, k=a.k, compare_full=a.compare_full, save_topk=a.save_topk,
+                         chunk_size=a.chunk_size, batch_size=a.batch_size, spill_gib=a.spill_gib, device=a.device,
+                         two_stage=a.two_stage, shortlist=a.shortlist, k=a.k, compare_full=a.compare_full, save_topk=a.save_topk,
                          topk_path=a.topk_path, state=a.state, state_every=a.state_every, log_to_run=a.log_to_run,
                          log_run=a.log_run, experiment=a.experiment, tracking_uri=a.tracking_uri, run_name=a.run_name,
                          report=a.report, report_queries=a.report_queries, report_images=a.report_images,
@@ -221,6 +221,9 @@ def _add_eval(sub):
     e.add_argument("--save-sims", help="save the (n_images, 5 n_images) similarity matrix as .npy")
     e.add_argument("--chunk-size", type=int, help="tile size of the similarity / rank computation")
     e.add_argument("--batch-size", type=int, help="embedding batch size")
+    e.add_argument("--spill-gib", type=float, metavar="GIB",
+                   help="embeddings of a side over GIB go to a node-local file read tile by tile (0: always; "
+                        "default: the recipe's eval.spill_gib)")
     e.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     e.add_argument("--two-stage", type=int, metavar="K",
                    help="models with a global score: shortlist the K best candidates per query by it, then apply "

@@ -92,6 +92,11 @@ class EvalConfig:
                          choices=("1k", "coco-5fold", "5k"))
     chunk_size: int = param(1024, "rows per similarity / rank tile; bounds eval memory", min=1)
     batch_size: int = param(256, "batch size when embedding a split")
+    spill_gib: float = param(1.0, "plain embeddings of a side (images or captions) over this many GiB go to a file "
+                                  "read tile by tile, so a rank's memory stays flat as the gallery grows; 0: always",
+                             min=0)
+    spill_dir: Optional[str] = param(None, "folder of that (unlinked) file; default $TMPDIR (a node-local disk on a "
+                                           "cluster)")
     best_metric: str = param("rsum", "dev metric that selects DIR/best (higher is better)",
                             choices=("rsum", "i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10"))
 

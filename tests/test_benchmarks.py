@@ -42,10 +42,11 @@ def test_ranks_benchmark_finds_identical_ranks():
 
 @pytest.mark.slow
 def test_gallery_benchmark_streams_to_the_full_paths_metrics_on_two_processes():
-    out = _bench("gallery.py", "--sizes", 300, 600, "--chunk", 128, "--full-up-to", 300)
-    assert "same rsum: True" in out, out
+    out = _bench("gallery.py", "--sizes", 300, 600, "--chunk", 128, "--full-up-to", 300, "--held-up-to", 300)
+    assert out.count("same rsum: True") == 2, out  # spilled = held in memory = the full matrix
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("300 ", "600 "))]
-    assert [r[3] for r in rows] == ["stream", "full", "stream"], out
+    assert [r[3] for r in rows] == ["spilled", "held", "full", "spilled"], out
+    assert "largest / smallest gallery: peak RSS" in out, out
 
 
 @pytest.mark.slow

@@ -155,3 +155,62 @@ def test_a_killed_evaluation_resumes_from_its_finished_tiles(tmp_path, tiny_data
     assert ref.returncode == 0
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "ref.json").read_text())
     assert json.loads((tmp_path / "t.json").read_text()) == json.loads((tmp_path / "ref.json").read_text())
+
+
+# ----------------------------------------------------------------------------- embeddings spilled to disk
+
+def test_disk_rows_read_back_what_was_written_in_any_order(tmp_path):
+    from itr.eval.spill import DiskRows
+
+    x = torch.randn(50, 7)
+    disk = DiskRows(50, 7, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # unlinked from the start: a killed job leaves no file
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    for a in range(0, 50, 16):  # scattered rows, as the length-sorted caption batches write them
+        disk.write(perm[a:a + 16].numpy(), x[perm[a:a + 16]])
+    assert disk.shape == x.shape and torch.equal(disk[0:50], x) and torch.equal(disk[13:29], x[13:29])
+    assert disk[49:60].shape == (1, 7)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        disk.write([3], torch.tensor([[float("nan")] * 7]))
+    disk.close()
+
+
+class _Words:
+    """A tokenizer of whitespace words into their lengths (captions of many lengths: the sorted order matters)."""
+    pad_id = 0
+
+    def encode(self, text):
+        return [len(w) for w in text.split()]
+
+
+class _Mean(torch.nn.Module):
+    def embed_captions(self, batch):
+        ids, lens = batch["text_ids"].float(), batch["text_lens"].float()
+        return torch.stack([ids.sum(1) / lens, lens, ids.max(1).values], 1)
+
+
+def test_spilled_caption_embeddings_are_the_in_memory_ones_in_caption_order():
+    from itr.eval.embed import Spill, embed_captions
+    from itr.eval.spill import DiskRows
+
+    rng = np.random.default_rng(0)
+    caps = [" ".join("w" * int(rng.integers(1, 9)) for _ in range(int(rng.integers(1, 12)))) for _ in range(37)]
+    held = embed_captions(_Mean(), caps, _Words(), batch_size=5)
+    disk = embed_captions(_Mean(), caps, _Words(), batch_size=5, spill=Spill(0.0))
+    assert isinstance(disk, DiskRows) and torch.equal(disk[0:37], held)
+    assert not isinstance(embed_captions(_Mean(), caps, _Words(), batch_size=5, spill=Spill(1.0)), DiskRows)
+
+
+def test_streamed_metrics_from_spilled_embeddings_are_bitwise_the_same(tmp_path):
+    from itr.eval.job import score_embeddings
+    from itr.eval.spill import DiskRows
+
+    img, cap = embeddings(n=40, d=6, ties=True)
+    disk_img, disk_cap = DiskRows(40, 6, tmp_path), DiskRows(200, 6, tmp_path)
+    disk_img.write(np.arange(40), img)
+    disk_cap.write(np.arange(200), cap)
+    held = score_embeddings(dot, img, cap, "coco-5fold", 16, topk=5)
+    spilled = score_embeddings(dot, disk_img, disk_cap, "coco-5fold", 16, topk=5)
+    assert spilled[0] == held[0]
+    for a, b in zip(held[1], spilled[1]):
+        assert all(np.array_equal(x, y) for x, y in zip(a.arrays().values(), b.arrays().values()))

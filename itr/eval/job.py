@@ -17,9 +17,17 @@ def evaluate_model(model, split, tokenizer, eval_cfg, device="cpu", rank=0, worl
     """Metrics of ``model`` on ``split``: every rank embeds a slice of the images and captions, then scores its
     share of the tiles, folding each into rank counters (``itr.eval.stream``: no full matrix anywhere). Returns
     (metrics, per-block top-K lists or None) on rank 0, (None, None) elsewhere."""
-    img, cap = embed_split(model, split, tokenizer, eval_cfg.batch_size, device, rank, world, progress)
+    img, cap = embed_split(model, split, tokenizer, eval_cfg.batch_size, device, rank, world, progress,
+                           spill_of(eval_cfg))
     return score_embeddings(model.score, img, cap, protocol or eval_cfg.protocol, eval_cfg.chunk_size, device, rank,
                             world, progress, topk, save_sims, state, state_every)
+
+
+def spill_of(eval_cfg):
+    """Where plain embeddings over ``eval.spill_gib`` go (``itr.eval.spill``)."""
+    from itr.eval.embed import Spill
+
+    return Spill(eval_cfg.spill_gib, eval_cfg.spill_dir)
 
 
 def final_test(recipe, out, device, rank, world, name="best"):
@@ -77,6 +85,10 @@ def _check_finite(emb, what, rows=4096):
     job's peak at 50K x 250K otherwise)."""
     import torch
 
+    from itr.eval.spill import DiskRows
+
+    if isinstance(emb, DiskRows):  # checked as its rows were written
+        return
     for t in (emb.values() if isinstance(emb, dict) else [emb]):
         if t.is_floating_point() and not all(bool(torch.isfinite(b).all()) for b in t.split(rows)):
             raise ValueError(f"NaN or inf in the {what} embeddings: the model diverged or the input is bad")
@@ -116,6 +128,7 @@ class EvalRequest:
     save_sims: str | Path | None = None  # save the (n_images, n_captions) similarity matrix here (.npy)
     chunk_size: int | None = None
     batch_size: int | None = None
+    spill_gib: float | None = None  # plain embeddings over this go to a file (``itr.eval.spill``)
     device: str | None = None
     two_stage: int | None = None  # K: the checkpoint's global score shortlists K per query, its full score reranks
     shortlist: str | Path | None = None  # a cascade: shortlists from this checkpoint's global score or top-K file...
@@ -180,6 +193,8 @@ def run_eval(request, data=None, split=None, **options):
         recipe.eval.chunk_size = req.chunk_size
     if req.batch_size:
         recipe.eval.batch_size = req.batch_size
+    if req.spill_gib is not None:
+        recipe.eval.spill_gib = req.spill_gib
     req = replace(req, device=req.device or job_device, protocol=req.protocol or recipe.eval.protocol)
     data_split = load_split(req.data, req.split, recipe.data.image_size, verify=recipe.data.verify)
     if data_split.image_key == "feats" and data_split.images.shape[-1] != meta["img_dim"]:
@@ -211,7 +226,9 @@ def _ranks(job):
 def _all_pairs(req, job):
     """Every pair scored, streamed; the metrics on rank 0 (None elsewhere), reported and saved as asked."""
     cfg, main = job.recipe.eval, job.rank == 0
-    img, cap = embed_split(job.model, job.split, job.tokenizer, cfg.batch_size, req.device, job.rank, job.world, main)
+    spill = None if req.report else spill_of(cfg)  # the report reads embeddings whole
+    img, cap = embed_split(job.model, job.split, job.tokenizer, cfg.batch_size, req.device, job.rank, job.world, main,
+                           spill)
     topk = max(req.save_topk or 0, 5 if req.report else 0)
     metrics, tops = score_embeddings(job.model.score, img, cap, req.protocol, cfg.chunk_size, req.device, job.rank,
                                      job.world, main, topk, req.save_sims, req.state, req.state_every)
