@@ -69,9 +69,11 @@ def test_a_run_that_scores_no_test_stops_resumes_and_ends_as_an_uninterrupted_on
     recipe = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
     ref = train(load_recipe(recipe, over), tmp_path / "ref")
     monkeypatch.setenv("ITR_FAULT", "term@step 4")
-    assert train(load_recipe(recipe, over), tmp_path / "cut") is None and not (tmp_path / "cut" / "results.json").exists()
+    assert train(load_recipe(recipe, over), tmp_path / "cut") is None
+    assert not (tmp_path / "cut" / "results.json").exists()
     monkeypatch.delenv("ITR_FAULT")
     res = train(load_recipe(recipe, over + ["train.resume=latest"]), tmp_path / "cut")
     assert res == ref and ref["test_scored"] is False and "test" not in ref
-    assert json.loads((tmp_path / "cut" / "results.json").read_text()) == json.loads((tmp_path / "ref" / "results.json").read_text())
-    assert _same_weights(tmp_path / "ref" / "best" / "model.safetensors", tmp_path / "cut" / "best" / "model.safetensors")
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    assert json.loads((cut_dir / "results.json").read_text()) == json.loads((ref_dir / "results.json").read_text())
+    assert _same_weights(ref_dir / "best" / "model.safetensors", cut_dir / "best" / "model.safetensors")
