@@ -275,8 +275,10 @@ def _add_compare(sub):
     cm.add_argument("--filter", help="MLflow search filter, e.g. \"tags.sweep = 'lr'\" or \"params.optim.lr = '0.0002'\"")
     cm.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs (any experiment)")
     cm.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, sqlite:///<cwd>/mlflow.db)")
-    cm.add_argument("--metric", help="metric prefix to compare: test (training's test split), or an `itr eval` prefix "
-                                     "such as test_1k or testall_coco5fold (default: test, else the run's one *_rsum)")
+    cm.add_argument("--metric", help="metric prefix to compare: test (training's test split), dev / dev_ema (the best "
+                                     "dev epoch, what chose DIR/best / DIR/best_ema), or an `itr eval` prefix such as "
+                                     "test_1k (default: dev if a run has train.score_test=false, else test, else the "
+                                     "run's one other family, else dev)")
     cm.add_argument("--csv", metavar="OUT", help="write the table as CSV")
     cm.add_argument("--markdown", metavar="OUT", help="write the table as Markdown")
     cm.add_argument("--plot", metavar="OUT.png", help="rsum per run (bars) and dev rsum over epochs (lines)")

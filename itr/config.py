@@ -67,6 +67,9 @@ class TrainConfig:
                              min=0.0, max=0.99999999)
     patience: int = param(0, "early stopping: stop after this many epochs without a new best dev eval.best_metric "
                              "(of the model or its EMA); 0: train every epoch", min=0)
+    score_test: bool = param(True, "score DIR/best (and DIR/best_ema) on data.test_split at the end; false in the "
+                                   "sweep that chooses a recipe on dev (the test split is then never read, not even "
+                                   "checked): score the chosen run once with `itr eval DIR/best --split test`")
 
 
 @dataclass

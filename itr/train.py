@@ -142,7 +142,8 @@ class Trainer:
         self.manifest = ensure_shards(r.data, r.data.train_split, self.main, self.acc.wait_for_everyone,
                                       progress=self.main)
         self.dev = load_split(data_root(r), r.data.dev_split, r.data.image_size, verify=r.data.verify)
-        check_split(r, r.data.test_split)  # a bad test split fails now, not after the whole training
+        if t.score_test:  # a bad test split fails now, not after the whole training; unscored, it is never read
+            check_split(r, r.data.test_split)
         init = ckpt.resolve(t.init_from) if t.init_from and not self.resume_from else None
         source = self.resume_from or init
         vocab = source / ckpt.VOCAB if source else None
@@ -346,12 +347,18 @@ class Trainer:
         results = {"best_epoch": s.best_epoch, "dev": s.best_dev, "run_id": self.tracker.run_id,
                    "experiment_id": self.tracker.experiment_id, "global_step": s.global_step, "world_size": self.world,
                    "optimizer_impl": self.optimizer_impl}
-        test = final_test(r, self.out, self.device, self.rank, self.world)
-        results.update(self.aids.test(r, self.out, self.device, self.rank, self.world, self.tracker, s.global_step))
+        test = final_test(r, self.out, self.device, self.rank, self.world) if self.t.score_test else None
+        if self.t.score_test:
+            results.update(self.aids.test(r, self.out, self.device, self.rank, self.world, self.tracker, s.global_step))
         if self.main:
+            results["test_scored"] = test is not None
+            train_tracking.log_test(self, test)
+            if not self.t.score_test:
+                run = f" --log-to-run {self.tracker.run_id}" if self.tracker.run_id else ""
+                self._say(f"train.score_test=false: {r.data.test_split!r} not scored; once this recipe is chosen: "
+                          f"itr eval {self.out / 'best'} --data {data_root(r)} --split {r.data.test_split}{run}")
             if test is not None:
                 results["test"] = test
-                train_tracking.log_test(self, test)
                 print(format_table(test, f"test ({r.data.test_split}) with the best dev checkpoint, "
                                          f"protocol {r.eval.protocol}"), flush=True)
             rundir.write_text_atomic(self.out / "results.json", json.dumps(results, indent=1))

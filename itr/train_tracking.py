@@ -68,7 +68,11 @@ def log_dev(tr, label, metrics):
 
 
 def log_test(tr, test):
-    tr.tracker.log_metrics(family_metrics("test", test), step=tr.state.global_step)
+    """``test/*``, and the tag ``test_scored`` (false: train.score_test=false or no test split; compare then ranks
+    by dev)."""
+    tr.tracker.set_tags({"test_scored": str(test is not None).lower()})
+    if test is not None:
+        tr.tracker.log_metrics(family_metrics("test", test), step=tr.state.global_step)
 
 
 def artifacts(tr, test):

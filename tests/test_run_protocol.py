@@ -56,3 +56,24 @@ def test_a_kill_at_every_point_of_the_protocol_then_another_loses_nothing(recipe
     assert twice >= len(again) and any(n.endswith("last: recovered") for n in again)
     if recipe == "vsepp_gru":
         assert any(n.endswith("best: recovered") for n in again) and report["counts"]["best: tmp written"] >= 2
+
+
+@pytest.mark.slow
+def test_a_run_that_scores_no_test_stops_resumes_and_ends_as_an_uninterrupted_one(small_shards, tmp_path, monkeypatch):
+    """train.score_test=false (a selection sweep's member): stopped by SIGTERM mid-epoch and resumed, ``best``
+    and ``results.json`` (no test, ``test_scored`` false) equal the uninterrupted run's."""
+    from itr.config import load_recipe
+    from itr.train import train
+
+    over = small_overrides(small_shards, **{"train.score_test": "false", "train.epochs": 1})
+    recipe = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
+    ref = train(load_recipe(recipe, over), tmp_path / "ref")
+    monkeypatch.setenv("ITR_FAULT", "term@step 4")
+    assert train(load_recipe(recipe, over), tmp_path / "cut") is None
+    assert not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.delenv("ITR_FAULT")
+    res = train(load_recipe(recipe, over + ["train.resume=latest"]), tmp_path / "cut")
+    assert res == ref and ref["test_scored"] is False and "test" not in ref
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    assert json.loads((cut_dir / "results.json").read_text()) == json.loads((ref_dir / "results.json").read_text())
+    assert _same_weights(ref_dir / "best" / "model.safetensors", cut_dir / "best" / "model.safetensors")

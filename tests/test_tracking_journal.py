@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from mlflow.entities import Metric, RunTag, ViewType
+from mlflow.entities import Metric, Param, RunTag, ViewType
 
 from itr import tracking
 from itr.cli import main
 from itr.config import load_recipe
 from itr.eval.metrics import KEYS
 
-from conftest import ROOT, free_port, tiny_overrides
+from conftest import ROOT, free_port, small_overrides, tiny_overrides
 
 DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
 
@@ -116,6 +116,32 @@ def tracking_compare(uri, **kw):
     return compare(tracking_uri=uri, out=open(os.devnull, "w"), **kw)
 
 
+def test_a_run_with_score_test_false_never_reads_the_test_split_and_logs_no_test(small_shards, tmp_path, store):
+    """A selection sweep's member: the test split is neither checked nor scored (here it is garbage), results.json
+    and MLflow say so, and `itr compare` ranks such runs by their best dev epoch."""
+    import shutil
+
+    from itr.errors import ItrError
+    from itr.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    for f in data.glob("test*"):  # the shard, its captions and its manifest
+        f.write_bytes(b"\0garbage" * 50)
+    over = small_overrides(data, **{"tracking.enabled": "true", "tracking.uri": store, "train.ema_decay": 0.9})
+    with pytest.raises(ItrError, match="test"):  # by default a bad test split fails before the first step
+        train(load_recipe(DEMO, over), tmp_path / "default")
+    res = train(load_recipe(DEMO, over + ["train.score_test=false"]), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == res and res["test_scored"] is False and not {"test", "test_ema"} & res.keys()
+    assert res["dev"]["rsum"] > 0 and (tmp_path / "run" / "best_ema").is_dir()
+    run = mlflow.tracking.MlflowClient(store).get_run(res["run_id"])
+    assert run.data.tags["test_scored"] == "false" and run.data.params["train.score_test"] == "False"
+    assert not [k for k in run.data.metrics if k.startswith("test")] and "dev/rsum" in run.data.metrics
+    (row,) = tracking_compare(store)
+    assert row["metric"] == f"dev (epoch {res['best_epoch']})" and row["rsum"] == pytest.approx(res["dev"]["rsum"])
+
+
 def test_a_large_checkpoint_is_only_referenced(tmp_path, monkeypatch, store):
     ckpt = tmp_path / "best"
     ckpt.mkdir()
@@ -190,22 +216,28 @@ def _boom(*a, **kw):
     raise ConnectionError("server gone")
 
 
-def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0, legacy=False):
+def _fake_run(client, exp_id, name, test=None, dev=(), sweep="s", sps=100.0, legacy=False, params=None, ema=(),
+              r1=()):
     """A finished training run: dev/* at optimizer steps (10 per epoch) with dev/epoch, test/*; ``legacy``: the
-    names before the prefixes (dev_* at step = epoch, test_*, train_samples_per_sec)."""
+    names before the prefixes (dev_* at step = epoch, test_*, train_samples_per_sec). ``ema``: dev_ema rsums per
+    epoch; ``r1``: dev i2t_R1 per epoch (else rsum / 6 like every recall); ``params``: the recipe keys."""
     run = client.create_run(exp_id, run_name=name, tags={"model": "vsepp", "dataset": "synthetic", "sweep": sweep})
     recalls = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
     key = (lambda fam, k: f"{fam}_{k}") if legacy else (lambda fam, k: f"{fam}/{k}")
     metrics = [Metric("train_samples_per_sec" if legacy else "train/samples_per_sec_mean", sps, 0, 0)]
     for epoch, rsum in enumerate(dev, 1):
         step = epoch if legacy else 10 * epoch
-        metrics += [Metric(key("dev", "rsum"), rsum, epoch, step)] + [Metric(key("dev", k), rsum / 6, epoch, step)
-                                                                    for k in recalls]
+        metrics += [Metric(key("dev", "rsum"), rsum, epoch, step)] + [
+            Metric(key("dev", k), r1[epoch - 1] if r1 and k == "i2t_R1" else rsum / 6, epoch, step) for k in recalls]
         if not legacy:
             metrics.append(Metric("dev/epoch", epoch, epoch, step))
+    for epoch, rsum in enumerate(ema, 1):
+        metrics += [Metric(key("dev_ema", k), rsum if k == "rsum" else rsum / 6, epoch, 10 * epoch)
+                    for k in ("rsum", *recalls)]
     if test is not None:
         metrics += [Metric(key("test", k), test / 6, 0, 0) for k in recalls] + [Metric(key("test", "rsum"), test, 0, 0)]
-    client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag("x", "1")])
+    client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag("x", "1")],
+                     params=[Param(k, str(v)) for k, v in (params or {}).items()])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -235,6 +267,57 @@ def test_compare_sorts_by_rsum_and_writes_csv_markdown_and_plot(tmp_path, capsys
     assert open(f"{out}.png", "rb").read(4) == b"\x89PNG"
     rows = tracking_compare(store, run_ids=[low, other])
     assert [r["run_id"] for r in rows] == [other, low]
+
+
+def test_compare_ranks_a_dev_selection_by_the_best_dev_epoch_with_the_swept_keys(tmp_path, capsys, store):
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.create_experiment("itr")
+    sel = lambda loss, ema, run_name: {"model.name": "vsepp", "loss.name": loss, "train.ema_decay": ema,  # noqa: E731
+                                       "train.score_test": False, "tracking.run_name": run_name}
+    # best dev 380 (epoch 2) but the last epoch 350; b: 375 at its last epoch; scored: test 500, best dev 200
+    a = _fake_run(client, exp, "a", dev=(300.0, 380.0, 350.0), ema=(390.0, 340.0, 330.0), params=sel("hinge", 0, "a"))
+    b = _fake_run(client, exp, "b", dev=(370.0, 360.0, 375.0), params=sel("infonce", 0, "b"))
+    scored = _fake_run(client, exp, "scored", test=500.0, dev=(100.0, 200.0), params=sel("infonce", 0.95, "c"))
+    out = tmp_path / "sel"
+    assert main(["compare", "--tracking-uri", store, "--csv", f"{out}.csv"]) == 0
+    assert "ranked by each run's best dev epoch" in capsys.readouterr().out
+    header, *lines = [line.split(",") for line in open(f"{out}.csv").read().splitlines()]
+    assert header[:8] == ["run", "run_id", "model", "dataset", "sweep", "loss.name", "train.ema_decay", "metric"]
+    col = {name: [line[header.index(name)] for line in lines] for name in header}
+    assert col["run_id"] == [a, b, scored]  # by the best dev epoch, never by test: the last epoch would rank b first
+    assert col["metric"] == ["dev (epoch 2)", "dev (epoch 3)", "dev (epoch 2)"]
+    assert [float(v) for v in col["rsum"]] == [380.0, 375.0, 200.0]
+    assert col["loss.name"] == ["hinge", "infonce", "infonce"] and "tracking.run_name" not in header
+    assert float(col["i2t_R1"][0]) == pytest.approx(380 / 6)  # the best epoch's recalls
+    rows = tracking_compare(store, metric="test")  # asked for: test where a run has it
+    assert [(r["run_id"], r["metric"], r["rsum"]) for r in rows] == [
+        (scored, "test", 500.0), (a, "dev (epoch 2)", 380.0), (b, "dev (epoch 3)", 375.0)]
+    ema = {r["run_id"]: (r["metric"], r["rsum"]) for r in tracking_compare(store, metric="dev_ema")}
+    assert ema[a] == ("dev_ema (epoch 1)", 390.0) and ema[b] == ("", None)
+
+
+def test_compare_best_dev_follows_eval_best_metric_and_ignores_dev_ema_as_a_test_family(store):
+    client = mlflow.tracking.MlflowClient(store)
+    exp = client.create_experiment("itr")
+    # selected on i2t_R1: epoch 1 (R1 70) although epoch 2 has the higher rsum; no score_test param: an older run
+    r1 = _fake_run(client, exp, "r1", dev=(300.0, 320.0), r1=(70.0, 50.0), params={"eval.best_metric": "i2t_R1"})
+    ema = _fake_run(client, exp, "ema", dev=(310.0, 305.0), ema=(400.0, 380.0))  # no test: dev, not dev_ema/*
+    got = {r["run_id"]: (r["metric"], r["rsum"], r["i2t_R1"]) for r in tracking_compare(store)}
+    assert got == {r1: ("dev (epoch 1)", 300.0, 70.0), ema: ("dev (epoch 1)", 310.0, 310 / 6)}
+    last = {r["run_id"]: r["rsum"] for r in tracking_compare(store, metric="dev")}
+    assert last == {r1: 300.0, ema: 310.0}  # --metric dev: the selecting epoch, not the last one
+
+
+def test_compare_shows_only_a_few_differing_recipe_keys():
+    from itr.compare import differing_keys
+
+    run = lambda **p: SimpleNamespace(data=SimpleNamespace(params={"model.name": "vsepp", **p}))  # noqa: E731
+    assert differing_keys([run(**{"optim.lr": "0.1", "tracking.run_name": "x"}),
+                           run(**{"optim.lr": "0.2", "tracking.run_name": "y"}), run()]) == []  # not in every run
+    assert differing_keys([run(**{"optim.lr": "0.1", "a.b": "1"}), run(**{"optim.lr": "0.2", "a.b": "1"})]) == ["optim.lr"]
+    many = [run(**{f"k.{i}": str(j) for i in range(7)}) for j in range(2)]  # 7 keys: different recipes, no columns
+    assert differing_keys(many) == [] and differing_keys(many[:1]) == []
+    assert differing_keys([run(**{f"k.{i}": str(j) for i in range(6)}) for j in range(2)]) == [f"k.{i}" for i in range(6)]
 
 
 def test_compare_and_sync_errors_are_one_line(tmp_path, capsys, store):

@@ -132,10 +132,11 @@ def test_compare_two_runs_on_the_server(server, micro, tmp_path, monkeypatch, ca
     assert table.index(expected[0]) < table.index(expected[1])
     link = next(line for line in table.splitlines() if "in the MLflow UI" in line)
     assert f"{server.uri}/#/compare-runs?runs=" in link and link.endswith("&workflowType=machine_learning")
-    rows = [line.split(",") for line in open(f"{out}.csv").read().splitlines()[1:]]
-    assert [r[0] for r in rows] == expected
-    assert [float(r[6]) for r in rows] == pytest.approx([results[n] for n in expected])
-    assert [r[-4] for r in rows] == ["2", "2"]  # epochs, from the dev rsum history
+    header, *rows = [line.split(",") for line in open(f"{out}.csv").read().splitlines()]
+    col = {name: [r[header.index(name)] for r in rows] for name in header}
+    assert col["run"] == expected and col["optim.lr"] == [{"lr-high": "0.02", "lr-zero": "0.0"}[n] for n in expected]
+    assert [float(v) for v in col["rsum"]] == pytest.approx([results[n] for n in expected])
+    assert col["epochs"] == ["2", "2"]  # epochs, from the dev rsum history
     assert open(f"{out}.md").read().count("\n") == 4 and open(f"{out}.png", "rb").read(4) == b"\x89PNG"
 
 

@@ -79,5 +79,6 @@ def history_keys(key):
 
 
 def families(metrics):
-    """The evaluation families of normalized ``metrics`` that have an rsum (``test``, ``test_5k``, ...), no ``dev``."""
-    return sorted(k[:-len("/rsum")] for k in metrics if k.endswith("/rsum") and k != "dev/rsum")
+    """The evaluation families of normalized ``metrics`` that have an rsum (``test``, ``test_5k``, ...), no ``dev``
+    nor ``dev_ema`` (the per-epoch evaluations)."""
+    return sorted(k[:-len("/rsum")] for k in metrics if k.endswith("/rsum") and k not in ("dev/rsum", "dev_ema/rsum"))
