@@ -1,13 +1,13 @@
 """``itr shard stats``: what a shard directory holds, per split: counts and sizes, caption lengths (words),
 feature norms (L2 of each region, and of the mean over an image's regions) and region counts per image.
 Reads every sample once (or the first ``max_images`` of each split)."""
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from itr.data.manifest import load_manifest
+from itr.data.npy import load_npy
 from itr.data.precomp import read_captions
 from itr.shards.verify import samples, splits_of
 
@@ -37,8 +37,9 @@ def split_stats(root, split, max_images=None, progress=True):
         from itr.progress import bar
 
         it = bar(it, total=min(m["num_images"], max_images or m["num_images"]), desc=f"stats {split}", unit="img")
-    for _, sample in it:
-        feat = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False).astype(np.float32)
+    for path, sample in it:
+        where = f"shard {path}: sample {sample.get('__key__')}: feat.npy"
+        feat = load_npy(sample["feat.npy"], where).astype(np.float32)
         region_norms.append(np.linalg.norm(feat, axis=-1))
         image_norms.append(float(np.linalg.norm(feat.mean(0))))
         regions.append(feat.shape[0])

@@ -6,13 +6,13 @@ the 5 caption indices, captions equal to the captions file), its features (shape
 manifest says; finite), its boxes; every image of the split present once. It lists every problem,
 not the first, so one run tells what to rebuild.
 """
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from itr.data.manifest import load_manifest, shard_paths, verify_shards
+from itr.data.npy import load_npy
 from itr.data.precomp import CAPS_PER_IMAGE, DataError, read_captions
 
 
@@ -43,7 +43,9 @@ def samples(m, bad):
 def _features(m, sample, where, bad):
     want = tuple(m["feature_shape"])
     try:
-        feat = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+        feat = load_npy(sample["feat.npy"], f"{where}: feat.npy")
+    except DataError as e:
+        return bad(str(e))
     except Exception as e:
         return bad(f"{where}: feat.npy is unreadable ({type(e).__name__}: {e})")
     ok = (feat.ndim == 2 and feat.shape[1] == want[1] and 1 <= feat.shape[0] <= want[0]
@@ -57,11 +59,13 @@ def _features(m, sample, where, bad):
         bad(f"{where}: non-finite features")
     if m.get("boxes"):
         try:
-            boxes = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
+            boxes = load_npy(sample["boxes.npy"], f"{where}: boxes.npy")
             if boxes.shape != (feat.shape[0], 4):
                 bad(f"{where}: boxes {boxes.shape}, expected {(feat.shape[0], 4)}")
         except KeyError:
             bad(f"{where}: no boxes.npy (the manifest says the split has boxes)")
+        except DataError as e:
+            bad(str(e))
         except Exception as e:
             bad(f"{where}: boxes.npy is unreadable ({type(e).__name__}: {e})")
     return feat

@@ -10,7 +10,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, tiny_overrides
+from conftest import ROOT, free_port, small_overrides, tiny_overrides
 
 DEMO = ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"
 
@@ -131,3 +131,31 @@ def test_zero3_with_a_transformers_text_encoder(tiny_data, tiny_bert, tmp_path):
     assert "deepspeed ZeRO-3" in p.stdout
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["test"]["rsum"] > 0 and (tmp_path / "run" / "best" / "text_model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_resuming_a_deepspeed_checkpoint_on_another_number_of_ranks_is_refused(small_shards, tmp_path):
+    """ZeRO partitions the optimizer state per rank: a checkpoint written by 2 ranks resumed on 1 under DeepSpeed
+    is a clear error naming it and the way out (train.init_from), before anything is built or written. The
+    2-rank checkpoint is a 1-process run's with its recorded world size set to 2 (all the check reads)."""
+    from itr.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(DEMO), *small_overrides(small_shards, **{"train.max_steps": 2}), "--out", str(run)]) == 0
+    meta_path = run / "last" / "itr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["world_size"], meta["stream"]["world"] = 2, 2
+    meta_path.write_text(json.dumps(meta))
+    before = {p: p.stat().st_mtime_ns for p in (run / "last").rglob("*")}
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "cpu_deepspeed_zero2.yaml"),
+           "--num_processes", "1", "--main_process_port", "0", "-m", "itr", "train", str(DEMO),
+           *small_overrides(small_shards), "train.mixed_precision=bf16", "train.resume=latest", "--out", str(run)]
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", cwd=ROOT, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode != 0
+    err = p.stderr
+    assert (f"itr train: error: {run / 'last'} was written by 2 ranks under DeepSpeed" in err
+            and "resume it on 2 ranks" in err and f"train.init_from={run / 'last'}" in err), err[-3000:]
+    assert "Traceback" not in err.split("itr train: error:")[0]  # the refusal, not a crash before it
+    assert {p: p.stat().st_mtime_ns for p in (run / "last").rglob("*")} == before

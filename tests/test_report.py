@@ -205,9 +205,10 @@ def test_serve_answers_on_localhost(scan_page):
         server.server_close()
 
 
-def test_alignment_panels_are_the_models_own_word_region_weights(retrieval):  # noqa: F811
-    """SCAN's attention (each word's softmax over the regions) and TGDT's scaled region-word products, one panel
-    per caption word in order, every region's box drawn, the strongest outlined."""
+@pytest.mark.parametrize("name", ["scan", "tgdt", "teran"])
+def test_alignment_panels_are_the_models_own_word_region_weights(retrieval, name, request):  # noqa: F811
+    """SCAN's attention (each word's softmax over the regions), TGDT's scaled region-word products and TERAN's
+    region-word products, one panel per caption word in order, every region's box drawn, the strongest outlined."""
     import torch
 
     from itr.checkpoint import load_for_eval
@@ -220,21 +221,25 @@ def test_alignment_panels_are_the_models_own_word_region_weights(retrieval):  # 
     data, ckpt = retrieval
     split = load_split(data, "test")
     words = [w for w in re.findall(r"[\w]+|,", split.captions[15].lower())]
-    for name in ("scan", "tgdt"):
-        model, tok, _, _ = load_for_eval(ckpt(name))
-        img, cap = embed_split(model, split, tok)
-        w = model.alignment(rows(img, 3, 4), rows(cap, 15, 16))["weights"]
-        if name == "scan":  # t2i: every word's attention over the 4 regions sums to 1
-            assert w.shape[1] == 4 and torch.allclose(w.sum(1), torch.ones(w.shape[0]), atol=1e-5)
-        else:
-            want = model.cfg.local_scale * cap["words"][15, :int(cap["lens"][15])] @ \
-                img["regions"][3, :int(img["lens"][3])].t()
-            torch.testing.assert_close(w, want)
-            # what is drawn is what is scored: the local score sums each word's best region
-            local = model.local_score(rows(img, 3, 4), rows(cap, 15, 16))[0, 0]
-            torch.testing.assert_close(w.max(1).values.sum(), local, rtol=1e-5, atol=1e-5)
-        fig = figure(ReportInputs(model, tok, split, img, cap, {}, [], "1k", {}), 3, 15, None, "with its ground truth")
-        labels = re.findall(r"<figcaption>(.*?) <span", fig["html"])
-        assert labels == words[:12], (name, labels, words)
-        panels = fig["html"].split('<figure class="word">')[1:]
-        assert all(p.count("<rect ") == 1 + 4 and p.count('stroke="#d00"') == 1 for p in panels)
+    text = [f"model.text.path={request.getfixturevalue('tiny_bert')}"] if name == "teran" else []
+    model, tok, _, _ = load_for_eval(ckpt(name, *text))
+    img, cap = embed_split(model, split, tok)
+    w = model.alignment(rows(img, 3, 4), rows(cap, 15, 16))["weights"]
+    if name == "scan":  # t2i: every word's attention over the 4 regions sums to 1
+        assert w.shape[1] == 4 and torch.allclose(w.sum(1), torch.ones(w.shape[0]), atol=1e-5)
+    else:
+        regions = img["regions"][3, :int(img["lens"][3])] if name == "tgdt" else img[3]
+        scale = model.cfg.local_scale if name == "tgdt" else 1.0
+        want = scale * cap["words"][15, :int(cap["lens"][15])] @ regions.t()
+        if name == "teran":  # every word of the caption, without [CLS] and [SEP] (TGDT's has <start>, <end>)
+            assert want.shape == (len(words), 4)
+        torch.testing.assert_close(w, want)
+        # what is drawn is what is scored: the score sums each word's best region
+        score = model.local_score if name == "tgdt" else model.score
+        torch.testing.assert_close(w.max(1).values.sum(), score(rows(img, 3, 4), rows(cap, 15, 16))[0, 0],
+                                   rtol=1e-5, atol=1e-5)
+    fig = figure(ReportInputs(model, tok, split, img, cap, {}, [], "1k", {}), 3, 15, None, "with its ground truth")
+    labels = re.findall(r"<figcaption>(.*?) <span", fig["html"])
+    assert labels == words[:12], (name, labels, words)
+    panels = fig["html"].split('<figure class="word">')[1:]
+    assert all(p.count("<rect ") == 1 + 4 and p.count('stroke="#d00"') == 1 for p in panels)

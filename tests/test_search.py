@@ -296,3 +296,49 @@ def test_image_file_of_a_raw_image_model_searches_like_its_indexed_image(raw_ima
     # the tiny BERT's whole-word vocabulary (the synthetic captions' English words) reads none of these: [UNK]
     with pytest.raises(DataError, match="tokenizer cannot read the query 'ein Hund läuft am Strand'"):
         run_search(SearchRequest(idx, ("ein Hund läuft am Strand",)))
+
+
+@pytest.mark.slow
+def test_a_report_on_raw_image_shards_shows_thumbnails_of_the_split_own_pixels(raw_image_index, tmp_path):
+    """Without ``--images``, a raw-image split's report draws its thumbnails from the shards' pixels (the
+    evaluation's center crop, 32 x 32 here: a thumbnail is never enlarged): every <img> is a file that decodes to
+    that size, and it is the picture of the image it names."""
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    from conftest import F8K_IMAGES
+    from itr.cli import main
+    from itr.data.images import eval_transform
+
+    class Imgs(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.found.append(dict(attrs))
+
+    idx, ids = raw_image_index
+    base = idx.parent
+    crops = {}
+    for i in ids:  # the evaluation's center crop of each test JPEG
+        with Image.open(F8K_IMAGES / i) as src:
+            crops[i] = eval_transform(src.convert("RGB"), 32).transpose(1, 2, 0).astype(np.float32)
+    assert main(["report", str(base / "run" / "best"), "--data", str(base / "shards"), "--split", "test",
+                 "--out", str(tmp_path / "page"), "--queries", "4"]) == 0
+    page = Imgs()
+    page.feed((tmp_path / "page" / "index.html").read_text())
+    assert len({a["src"] for a in page.found}) >= 4, page.found
+    for a in page.found:
+        path = tmp_path / "page" / a["src"]
+        assert path.is_file(), a
+        with Image.open(path) as im:
+            im.load()
+            assert im.format == "JPEG" and im.size == (32, 32) == (int(a["width"]), int(a["height"]))
+            got = np.asarray(im.convert("RGB"), np.float32)
+        # it is the picture of the image it names: of the split's 20 crops, that image's is the nearest
+        err = {i: np.abs(got - crops[i]).mean() for i in ids}
+        image_id = a["alt"].removeprefix("image ")
+        assert min(err, key=err.get) == image_id and err[image_id] < 16, (image_id, sorted(err.values())[:3])

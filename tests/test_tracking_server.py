@@ -12,6 +12,8 @@ import urllib.request
 import mlflow
 import pytest
 
+from itr.logs import read_log
+
 from conftest import ROOT, free_port
 from test_tracking_journal import micro_overrides
 
@@ -52,7 +54,7 @@ class Server:
                 time.sleep(0.3)
         self.stop()
         pytest.fail(f"mlflow server did not answer /health within {deadline_s} s:\n"
-                    + (self.root / f"server-{port}.log").read_text()[-3000:])
+                    + read_log(self.root / f"server-{port}.log", tail=3000))
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc is None or self.proc.poll() is not None:
@@ -159,7 +161,7 @@ def test_server_killed_mid_run_training_finishes_and_sync_fills_in(server, tmp_p
         if train.poll() is None:
             train.kill()
         log.close()
-    out = (tmp_path / "train.log").read_text()
+    out = read_log(tmp_path / "train.log")
     assert rc == 0, out[-5000:]
     assert "training continues without the tracking server" in out and "itr sync" in out
     res = json.loads((run / "results.json").read_text())

@@ -17,7 +17,6 @@ shuffle buffer; ``itr.data.plan``), so resuming mid-epoch with the same shape re
 skips the batches already trained on; with another shape, ``itr.data.segments`` deals the epoch's
 pairs not yet trained on to the new ranks (``keep``).
 """
-import io
 import json
 import random
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from itr.data.manifest import shard_paths
+from itr.data.npy import load_npy
 from itr.data.plan import batches_per_epoch, chunk_size, plan_epoch, shuffled  # noqa: F401 (re-exported)
 from itr.data.precomp import DataError
 from itr.data.segments import Shape, batches_left, consumed, shard_index, stream_plan
@@ -67,7 +67,7 @@ class PairStream(IterableDataset):
             if data is None:
                 raise DataError(f"shard {path}: sample {sample['__key__']} has no jpg/png image")
             return train_transform(decode(data), aug, self.image_size)
-        feat = np.load(io.BytesIO(sample["feat.npy"]), allow_pickle=False)
+        feat = load_npy(sample["feat.npy"], f"shard {path}: sample {sample['__key__']}: feat.npy")
         want = tuple(self.manifest["feature_shape"])
         if self.manifest.get("variable_regions"):  # (r, D) with 1 <= r <= the manifest's largest
             if feat.ndim == 2 and feat.shape[1] == want[1] and 1 <= feat.shape[0] <= want[0]:
@@ -117,7 +117,7 @@ class PairStream(IterableDataset):
             meta["caption_indices"], meta["captions"] = [c for c, _ in pairs], [t for _, t in pairs]
         feat = self._decode(sample, path, aug)
         if "boxes.npy" in sample:
-            meta["boxes"] = np.load(io.BytesIO(sample["boxes.npy"]), allow_pickle=False)
+            meta["boxes"] = load_npy(sample["boxes.npy"], f"shard {path}: sample {sample['__key__']}: boxes.npy")
         return feat, meta
 
     def _bad(self, message, error):
