@@ -11,7 +11,7 @@ from itr.models import build_model, make_tokenizer
 from itr.models.base import loss_inputs
 from itr.modules.losses import hinge_from_scores
 
-from conftest import ROOT, one_thread
+from conftest import ROOT, assert_same_step, assert_split_steps_equal, launch_steps, one_thread
 from test_variable_regions import _tsv_shards
 
 CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog",
@@ -114,6 +114,49 @@ def test_scan_batch_loss_with_variable_regions_is_the_hinge_on_each_images_own_s
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
     loss.backward()
     assert torch.isfinite(model.fc.weight.grad).all() and model.fc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_scan_micro_batches_padded_to_their_own_longest_give_the_whole_batch_step(direction):
+    """Exact accumulation joins micro-batches padded to different region counts (``pad_cat``): the loss and the
+    summed gradient are the whole batch's."""
+    from itr.distributed import pad_cat
+
+    model, tok = _scan(direction, "clipped_l2norm", "LogSumExp", "loss.warmup_epochs=0")
+    feats, _ = _padded()
+    batch = {"feats": feats, "feat_lens": LENS, "img_ids": torch.arange(6), **_captions(tok)}
+    whole = model(batch)["loss"]
+    ref = torch.autograd.grad(whole, model.fc.weight)[0]
+    rows = [(0, 1), (1, 2), (2, 4), (4, 6)]  # each micro-batch padded to its own longest image: 3, 7, 5, 7
+    parts = [{**{k: v[lo:hi] for k, v in batch.items()}, "feats": feats[lo:hi, :int(LENS[lo:hi].max())]}
+             for lo, hi in rows]
+    with torch.no_grad():
+        embs = [loss_inputs(model(p, mode="embed")) for p in parts]
+    context = {k: pad_cat([e[k] for e in embs]) for k in embs[0]}
+    assert context["img"].shape[1] == 7 and [e["img"].shape[1] for e in embs] == [3, 7, 5, 7]
+    grad, losses = torch.zeros_like(ref), []
+    for p, (lo, hi) in zip(parts, rows):
+        loss = model(p, context={"emb": context, "rows": (lo, hi), "img_ids": batch["img_ids"]})["loss"]
+        grad += torch.autograd.grad(loss, model.fc.weight)[0]
+        losses.append(loss.item())
+    assert losses == pytest.approx([whole.item()] * 4, abs=1e-5)
+    torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vsepp_regions", "scan_t2i_regions", "scan_i2t_regions"])
+def test_accumulation_over_micro_batches_of_variable_regions_gives_the_whole_batch_step(name):
+    ref = assert_split_steps_equal(name, [(1, 2), (1, 4)])  # micro-batches padded to 4, 3 / 4, 3, 3, 2 regions
+    assert ref["loss"] > 0 and any(k.endswith("fc.weight") for k in ref["grads"])
+
+
+@pytest.mark.slow
+def test_ranks_of_variable_regions_give_the_whole_batch_step():
+    """Ranks gather images padded to different region counts with their counts (one launch for all)."""
+    runs = [("scan_i2t_regions", 1, {}), ("scan_i2t_regions", 2, {}), ("scan_t2i_regions", 1, {}),
+            ("vsepp_regions", 2, {})]
+    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs])
+    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs)):
+        assert_same_step(got, ref, f"{name}, 2 ranks x {accum} micro-batches")
 
 
 def test_scan_alignment_covers_the_real_regions_only():
