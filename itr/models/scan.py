@@ -22,6 +22,10 @@ materialized: <w, sum_r alpha_r v_r> = sum_r alpha_r s_r and ||sum_r alpha_r v_r
 with G = V V^T the (R x R) Gram matrix of the image (for i2t the caption's (L x L) Gram). Memory is
 bounded by evaluating sub-chunks of at most ``score_budget`` (pairs x R x L) elements.
 
+Variable region counts (bottom-up TSVs, ``feat_lens``): the image embedding is {"regions", "lens"} and the
+padded regions are zeroed and masked (no attention weight in t2i; outside the normalisation over the regions
+and the pooling of the region scores in i2t), so a padded batch scores as each image alone.
+
 Deviations: ``raw_feature_norm`` l1norm / clipped_l1norm call an undefined ``l1norm_d`` in the
 reference (NameError); here they are the evident ``l1norm`` over the same axis. Only the ``basic``
 image encoder (the paper's) is provided (no ``weight_norm``).
