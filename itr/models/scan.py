@@ -22,6 +22,10 @@ materialized: <w, sum_r alpha_r v_r> = sum_r alpha_r s_r and ||sum_r alpha_r v_r
 with G = V V^T the (R x R) Gram matrix of the image (for i2t the caption's (L x L) Gram). Memory is
 bounded by evaluating sub-chunks of at most ``score_budget`` (pairs x R x L) elements.
 
+Variable region counts (bottom-up TSVs, ``feat_lens``): the image embedding is {"regions", "lens"} and the
+padded regions are zeroed and masked (no attention weight in t2i; outside the normalisation over the regions
+and the pooling of the region scores in i2t), so a padded batch scores as each image alone.
+
 Deviations: ``raw_feature_norm`` l1norm / clipped_l1norm call an undefined ``l1norm_d`` in the
 reference (NameError); here they are the evident ``l1norm`` over the same axis. Only the ``basic``
 image encoder (the paper's) is provided (no ``weight_norm``).
@@ -94,15 +98,24 @@ def _cos(num, sq, qnorm, eps=1e-8):
     return num / (qnorm * sq.clamp(min=0).sqrt()).clamp(min=eps)
 
 
-def scan_t2i(img, words, lens, lambda_softmax=9.0, lambda_lse=6.0, agg="LogSumExp", norm="clipped_l2norm"):
+def _real_regions(img, rmask):
+    """Regions past each image's count (``rmask`` (ni, R) False) zeroed, whatever they held."""
+    return img if rmask is None else img.masked_fill(~rmask[..., None], 0)
+
+
+def scan_t2i(img, words, lens, lambda_softmax=9.0, lambda_lse=6.0, agg="LogSumExp", norm="clipped_l2norm",
+             rmask=None):
     """(ni, nc) SCAN text-to-image scores (``xattn_score_t2i``), every pair at once.
 
     Layout (ni, R, nc, L). The attended region vector of word l, a_l = sum_r alpha_rl v_r, is never built:
-    <w_l, a_l> = sum_r alpha_rl s_rl and ||a_l||^2 = sum_r alpha_rl (G alpha)_rl, G = V V^T (R x R)."""
+    <w_l, a_l> = sum_r alpha_rl s_rl and ||a_l||^2 = sum_r alpha_rl (G alpha)_rl, G = V V^T (R x R).
+    ``rmask`` (ni, R): the real regions of variable-region data; the others get no attention weight."""
     ni, R = img.shape[:2]
     nc, L = words.shape[:2]
     valid = length_mask(lens, L)  # (nc, L)
     words = words * valid[..., None].to(words.dtype)
+    img = _real_regions(img, rmask)
+    pad = None if rmask is None else ~rmask[:, :, None, None]
     s = _pair_dots(img, words)
     if norm in ("clipped_l2norm", "l2norm") and lambda_softmax <= 40:
         # |a| <= 1, so exp(lambda (a - 1)) lies in [e^-80, 1]: no overflow, no underflow, no max pass. The
@@ -110,31 +123,40 @@ def scan_t2i(img, words, lens, lambda_softmax=9.0, lambda_lse=6.0, agg="LogSumEx
         a = F.leaky_relu(s, 0.1) if norm == "clipped_l2norm" else s
         inv = lambda_softmax / (torch.linalg.vector_norm(a, dim=-1, keepdim=True) + 1e-8)
         attn = torch.exp(a * inv - lambda_softmax)
+        if pad is not None:
+            attn = attn.masked_fill(pad, 0)
     else:
         a = raw_norm(s, norm, -1, valid)  # over the words (func_attention's queryL)
-        attn = torch.softmax(lambda_softmax * a, dim=1)  # over the regions
+        z = lambda_softmax * a if pad is None else (lambda_softmax * a).masked_fill(pad, float("-inf"))
+        attn = torch.softmax(z, dim=1)  # over the regions
     gram = img @ img.transpose(1, 2)  # (ni, R, R)
     g_attn = (gram @ attn.reshape(ni, R, nc * L)).view(ni, R, nc, L)
     cos = _cos((attn * s).sum(1), (attn * g_attn).sum(1), torch.linalg.vector_norm(words, dim=-1))  # (ni, nc, L)
     return pool(cos, agg, lambda_lse, valid.expand(ni, nc, L))
 
 
-def scan_i2t(img, words, lens, lambda_softmax=4.0, lambda_lse=5.0, agg="LogSumExp", norm="clipped_l2norm"):
+def scan_i2t(img, words, lens, lambda_softmax=4.0, lambda_lse=5.0, agg="LogSumExp", norm="clipped_l2norm",
+             rmask=None):
     """(ni, nc) SCAN image-to-text scores (``xattn_score_i2t``), every pair at once.
 
     Layout (ni, R, nc, L): the raw scores are normalized over the regions (func_attention's queryL), the
-    softmax runs over the valid words; ||sum_l alpha_rl w_l||^2 from the caption's (L x L) Gram matrix."""
+    softmax runs over the valid words; ||sum_l alpha_rl w_l||^2 from the caption's (L x L) Gram matrix.
+    ``rmask`` (ni, R): the real regions of variable-region data; the others (zeroed: raw scores 0, outside the
+    L1 / L2 norms, masked in a softmax) are left out of the pooling over the regions."""
     ni, R = img.shape[:2]
     nc, L = words.shape[:2]
     valid = length_mask(lens, L)
     words = words * valid[..., None].to(words.dtype)
+    img = _real_regions(img, rmask)
     s = _pair_dots(img, words)
-    a = raw_norm(s, norm, 1)
+    a = raw_norm(s, norm, 1, None if rmask is None else rmask[:, :, None, None])
     attn = torch.softmax((lambda_softmax * a).masked_fill(~valid, float("-inf")), dim=-1)
     gram = words @ words.transpose(1, 2)  # (nc, L, L)
     g_attn = torch.einsum("ircl,clm->ircm", attn, gram)
     cos = _cos((attn * s).sum(-1), (attn * g_attn).sum(-1), torch.linalg.vector_norm(img, dim=-1)[..., None])
-    return pool(cos.transpose(1, 2), agg, lambda_lse)  # over the regions
+    if rmask is None:
+        return pool(cos.transpose(1, 2), agg, lambda_lse)  # over the regions
+    return pool(cos.transpose(1, 2), agg, lambda_lse, rmask[:, None, :].expand(ni, nc, R))
 
 
 @dataclass
@@ -156,6 +178,8 @@ class SCANConfig:
 @MODELS.register("scan", SCANConfig)
 class SCAN(MatchingModel):
     global_embeddings = False
+    takes_region_lens = True  # variable-region data: the padding gets no attention and no part in the pooling
+
     def __init__(self, cfg: SCANConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.direction not in ("t2i", "i2t"):
@@ -176,8 +200,14 @@ class SCAN(MatchingModel):
 
     # -- encoders
     def embed_images(self, batch):
-        x = self.fc(batch["feats"].to(self.fc.weight.dtype))
-        return l2norm(x) if self.cfg.img_norm else x
+        """(B, R, d) regions; with variable-region data (``feat_lens``) {"regions" (zero past each count), "lens"}."""
+        feats, lens = batch["feats"], batch.get("feat_lens")
+        valid = None if lens is None else length_mask(lens, feats.shape[1])[..., None]
+        if valid is not None:  # the padding reaches no output and no gradient, whatever it holds
+            feats = feats.masked_fill(~valid, 0)
+        x = self.fc(feats.to(self.fc.weight.dtype))
+        x = l2norm(x) if self.cfg.img_norm else x
+        return x if valid is None else {"regions": x.masked_fill(~valid, 0), "lens": lens}
 
     def _words(self, batch):
         w = self.txt_enc(batch["text_ids"], batch["text_lens"])
@@ -189,12 +219,23 @@ class SCAN(MatchingModel):
         return {"words": self._words(batch), "lens": batch["text_lens"]}
 
     def embed(self, batch):
-        return {"img": self.embed_images(batch), "cap": self._words(batch), "cap_lens": batch["text_lens"]}
+        img = self.embed_images(batch)
+        if isinstance(img, dict):  # variable regions: the counts ride along as a side key
+            return {"img": img["regions"], "cap": self._words(batch), "cap_lens": batch["text_lens"],
+                    "img_lens": img["lens"]}
+        return {"img": img, "cap": self._words(batch), "cap_lens": batch["text_lens"]}
 
     # -- similarity
     def pair_scores(self, img, words, lens):
+        """``img``: (ni, R, d) regions, or {"regions", "lens"} (variable regions: the padding masked)."""
         c = self.cfg
         fn = scan_t2i if c.direction == "t2i" else scan_i2t
+        if isinstance(img, dict):
+            def masked(i, w, ln):
+                return fn(i[0], w, ln, c.lambda_softmax, c.lambda_lse, c.agg_func, c.raw_feature_norm, rmask=i[1])
+
+            reg = img["regions"]
+            return tiled_pairs(masked, (reg, length_mask(img["lens"], reg.shape[1])), words, lens, c.score_budget)
 
         def one(i, w, ln):
             return fn(i, w, ln, c.lambda_softmax, c.lambda_lse, c.agg_func, c.raw_feature_norm)
@@ -211,6 +252,8 @@ class SCAN(MatchingModel):
         the caption token of word 0 (the tokenizer's ids; SCAN's words include <start> and <end>)."""
         c = self.cfg
         n = int(cap_emb["lens"][0])
+        if isinstance(img_emb, dict):  # variable regions: the real ones only
+            img_emb = img_emb["regions"][:, :int(img_emb["lens"][0])]
         s = img_emb[0] @ cap_emb["words"][0, :n].t()  # (R, L) raw scores
         if c.direction == "t2i":
             attn = torch.softmax(c.lambda_softmax * raw_norm(s, c.raw_feature_norm, -1), dim=0).t()
@@ -220,4 +263,4 @@ class SCAN(MatchingModel):
 
     def batch_loss(self, emb, img_ids, epoch):
         return xattn_batch_loss(self.pair_scores, emb["img"], emb["cap"], emb["cap_lens"], img_ids,
-                                self.criterion, epoch)
+                                self.criterion, epoch, img_lens=emb.get("img_lens"))

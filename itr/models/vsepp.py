@@ -1,6 +1,7 @@
 """VSE++ (Faghri et al., BMVC 2018; reference: fartashf/vsepp ``model.py``).
 
-Image: precomputed features -> FC -> L2 (regions, if any, pooled after the FC).
+Image: precomputed features -> FC -> L2 (regions, if any, pooled after the FC; with variable-region data
+over each image's own regions, ``feat_lens``).
 Text: word embeddings -> GRU -> last hidden state -> L2, or a local BERT-family encoder.
 Similarity: cosine, ``img @ cap.T``. Loss: bidirectional hinge, margin 0.2, hardest
 negative (``itr.modules.losses.hinge_loss``).
@@ -22,6 +23,8 @@ class VSEPPConfig:
 
 @MODELS.register("vsepp", VSEPPConfig)
 class VSEPP(MatchingModel):
+    takes_region_lens = True  # the precomp encoder pools over each image's own regions (variable-region shards)
+
     def __init__(self, cfg: VSEPPConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         self.cfg = cfg
@@ -30,7 +33,8 @@ class VSEPP(MatchingModel):
         self.txt_enc = entry.build(tcfg, len(tokenizer), cfg.embed_dim)
 
     def embed_images(self, batch):
-        return self.img_enc(batch["feats"])
+        lens = batch.get("feat_lens")
+        return self.img_enc(batch["feats"]) if lens is None else self.img_enc(batch["feats"], lens)
 
     def embed_captions(self, batch):
         return self.txt_enc(batch["text_ids"], batch["text_lens"])

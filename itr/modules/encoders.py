@@ -32,7 +32,8 @@ class PrecompImageConfig:
 
 @IMAGE_ENCODERS.register("precomp", PrecompImageConfig)
 class PrecompImageEncoder(nn.Module):
-    """Precomputed features -> FC -> pool over regions -> L2 (VSE++ EncoderImagePrecomp)."""
+    """Precomputed features -> FC -> pool over regions -> L2 (VSE++ EncoderImagePrecomp); the pool over each
+    image's own regions where a region count comes with the batch."""
 
     def __init__(self, cfg: PrecompImageConfig, img_dim: int, embed_dim: int):
         super().__init__()
@@ -48,11 +49,22 @@ class PrecompImageEncoder(nn.Module):
         nn.init.zeros_(self.fc.bias)
         self.fc2 = mlp_tail(width, embed_dim, cfg.dropout) if cfg.head == "mlp" else None
 
-    def forward(self, feats):
+    def forward(self, feats, lens=None):
+        """``lens`` (B,): each image's region count (variable-region data); the padding past it is left out
+        of the pool (and zeroed before the FC, so that whatever it holds reaches no output or gradient)."""
+        valid = None
+        if lens is not None:
+            valid = length_mask(lens, feats.shape[1])[..., None]
+            feats = feats.masked_fill(~valid, 0)
         x = self.fc(self.drop(feats.to(self.fc.weight.dtype)))
         if self.fc2 is not None:
             x = self.fc2(x)
-        x = x.mean(1) if self.cfg.pool == "mean" else x.max(1).values
+        if valid is None:
+            x = x.mean(1) if self.cfg.pool == "mean" else x.max(1).values
+        elif self.cfg.pool == "mean":
+            x = x.masked_fill(~valid, 0).sum(1) / lens.clamp(min=1)[:, None].to(x.dtype)
+        else:
+            x = x.masked_fill(~valid, float("-inf")).max(1).values
         return l2norm(x) if self.cfg.norm else x
 
 

@@ -68,17 +68,25 @@ def tiled_pairs(fn, img, words, lens, budget):
     return out
 
 
-def xattn_batch_loss(scores, img, cap, cap_lens, img_ids, criterion, epoch):
+def xattn_batch_loss(scores, img, cap, cap_lens, img_ids, criterion, epoch, img_lens=None):
     """Hinge loss of this rank's pairs against the global batch, with ``scores(img, cap, lens)`` -> (ni, nc).
 
     One process: the (n x n) matrix once. Distributed with global negatives: this rank's images against
     every caption and every image against this rank's captions (2 n N pairs per rank, not N^2).
+    ``img_lens`` (variable regions): gathered with the images, which ``scores`` then gets as {"regions", "lens"}.
     """
-    c, ids_all, offset = criterion.candidates({"img": img, "cap": cap, "lens": cap_lens}, img_ids)
+    local = {"img": img, "cap": cap, "lens": cap_lens}
+    if img_lens is not None:
+        local["img_lens"] = img_lens
+    c, ids_all, offset = criterion.candidates(local, img_ids)
+
+    def images(d):
+        return d["img"] if img_lens is None else {"regions": d["img"], "lens": d["img_lens"]}
+
     if c["img"] is img:
-        s = scores(img, cap, cap_lens)
+        s = scores(images(local), cap, cap_lens)
         s_i2t, s_t2i = s, s.t()
     else:
-        s_i2t = scores(img, c["cap"], c["lens"])
-        s_t2i = scores(c["img"], cap, cap_lens).t()
+        s_i2t = scores(images(local), c["cap"], c["lens"])
+        s_t2i = scores(images(c), cap, cap_lens).t()
     return criterion.on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, epoch)

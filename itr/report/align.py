@@ -57,6 +57,8 @@ def figure(inputs, i, j, thumb, title):
     a = model.alignment(rows(inputs.img, i, i + 1, dev), rows(inputs.cap, j, j + 1, dev))
     weights = a["weights"].float().cpu().numpy()
     boxes = np.asarray(split.boxes[i], np.float32)
+    if getattr(split, "lens", None) is not None:  # variable regions: the image's own, zero padded past them
+        boxes = boxes[:int(split.lens[i])]
     if boxes.shape[0] != weights.shape[1]:
         return None
     labels = token_labels(inputs.tokenizer, split.captions[j])[a["first_token"]:]

@@ -34,6 +34,7 @@ CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a 
         "a cat and a kite", "an image showing a bus", "a green tree", "a boat near a bridge"]
 SAME_IMAGE = [0, 1, 2, 0, 3, 4, 2, 5]  # pairs 0/3 and 2/6 show the same image, on different ranks
 GRU = {"name": "gru", "word_dim": 8, "min_count": 1}
+REGIONS = [2, 4, 1, 3, 3, 1, 2, 2]  # "regions": per-pair region counts (of R); 2 ranks: padded to 4 and 3
 GRU_WORDS = {**GRU, "name": "gru_words"}
 
 
@@ -84,7 +85,8 @@ SENTENCE_MATCHER = {"model": {
 
 # name -> recipe: a dict, or a recipes/ path with "over"rides; "bert": model.text.path is the given tiny
 # BERT; "eval": "all" or submodules put in eval mode; "epoch" of the step (default 0); "pixels": an image
-# model (uint8 pixels instead of region features); "img_ids"; "build": a model class instead of the registry's.
+# model (uint8 pixels instead of region features); "img_ids"; "build": a model class instead of the registry's;
+# "regions": each pair's region count (features and boxes zero past it, ``feat_lens``).
 MODELS = {
     "vsepp": {"recipe": {"model": {"name": "vsepp", "embed_dim": 16, "text": GRU}}},
     # InfoNCE: the learnable temperature is a batch-level parameter (criterion.logit_scale)
@@ -103,6 +105,10 @@ MODELS = {
                          "img_ids": [0, 1, 2, 3, 4, 1, 6, 7]},
     "scan_t2i": {"recipe": _scan("t2i")},
     "scan_i2t": {"recipe": _scan("i2t")},
+    # variable region counts (bottom-up TSVs): each micro-batch padded to its own longest image, as the loader pads
+    "vsepp_regions": {"recipe": {"model": {"name": "vsepp", "embed_dim": 16, "text": GRU}}, "regions": REGIONS},
+    "scan_t2i_regions": {"recipe": _scan("t2i"), "regions": REGIONS},
+    "scan_i2t_regions": {"recipe": _scan("i2t"), "regions": REGIONS},
     "teran": {"recipe": {"model": {"name": "teran", "embed_dim": 16, "image_layers": 1, "layers": 1, "heads": 2,
                                    "ff_dim": 32, "dropout": 0.0, "text_layers": 0, "drop_last_word": False,
                                    "text": {"name": "hf_words"}},
@@ -148,8 +154,14 @@ def global_batch(name):
                 "img_ids": torch.tensor(entry.get("img_ids", SAME_IMAGE))}
     xy = torch.rand(B, R, 2, generator=g) * 0.5
     boxes = torch.cat([xy, xy + 0.1 + 0.4 * torch.rand(B, R, 2, generator=g)], dim=-1)
-    return {"feats": torch.randn(B, R, D, generator=g), "boxes": boxes,
-            "img_ids": torch.tensor(entry.get("img_ids", SAME_IMAGE))}
+    out = {"feats": torch.randn(B, R, D, generator=g), "boxes": boxes,
+           "img_ids": torch.tensor(entry.get("img_ids", SAME_IMAGE))}
+    if entry.get("regions"):
+        lens = torch.tensor(entry["regions"])
+        pad = torch.arange(R)[None] >= lens[:, None]
+        out.update(feats=out["feats"].masked_fill(pad[..., None], 0), boxes=boxes.masked_fill(pad[..., None], 0),
+                   feat_lens=lens)
+    return out
 
 
 def micro_batches(name, tok, rank, world, accum):
@@ -160,7 +172,11 @@ def micro_batches(name, tok, rank, world, accum):
     for a in range(accum):
         idx = list(range(rank * n + a * n // accum, rank * n + (a + 1) * n // accum))
         ids, lens = collate_tokens([tok.encode(CAPS[i]) for i in idx], tok.pad_id)
-        out.append({**{k: v[idx] for k, v in batch.items()}, "text_ids": ids, "text_lens": lens})
+        mb = {**{k: v[idx] for k, v in batch.items()}, "text_ids": ids, "text_lens": lens}
+        if "feat_lens" in mb:  # cut to this micro-batch's longest image
+            r = int(mb["feat_lens"].max())
+            mb.update(feats=mb["feats"][:, :r], boxes=mb["boxes"][:, :r])
+        out.append(mb)
     return out
 
 

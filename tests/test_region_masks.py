@@ -1,0 +1,235 @@
+"""Variable region counts in VSE++ (precomp pooling) and SCAN (both directions): a padded batch scores exactly as
+each image alone with only its real regions, whatever the padding holds; a few training steps on TSV shards."""
+import math
+
+import pytest
+import torch
+
+from itr.config import load_recipe
+from itr.data.loader import collate_tokens
+from itr.models import build_model, make_tokenizer
+from itr.models.base import loss_inputs
+from itr.modules.losses import hinge_from_scores
+
+from conftest import ROOT, assert_same_step, assert_split_steps_equal, launch_steps, one_thread
+from test_variable_regions import _tsv_shards
+
+CAPS = ["a red dog near a cat", "there is a bike", "a photo of a blue car and a tree", "a dog",
+        "a cat and a kite", "an image showing a bus"]
+LENS = torch.tensor([3, 7, 1, 5, 7, 2])  # real regions per image; the batch is padded to 7
+DIM = 12
+
+
+def _model(recipe, *overrides):
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
+                    ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1", *overrides])
+    tok = make_tokenizer(r, captions=CAPS)
+    torch.manual_seed(0)
+    model = build_model(r, DIM, tok).eval()
+    with torch.no_grad():  # biases as training leaves them: a zero FC bias would map zero padding to zero
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model, tok
+
+
+def _padded(garbage=0.0, seed=1):
+    """(6, 7, DIM) features, each image's real regions first and ``garbage`` past them, and the real ones alone."""
+    g = torch.Generator().manual_seed(seed)
+    real = [torch.randn(int(n), DIM, generator=g) for n in LENS]
+    feats = torch.full((len(LENS), int(LENS.max()), DIM), garbage)
+    for f, r in zip(feats, real):
+        f[:len(r)] = r
+    return feats, real
+
+
+def _captions(tok):
+    ids, lens = collate_tokens([tok.encode(c) for c in CAPS], tok.pad_id)
+    return {"text_ids": ids, "text_lens": lens}
+
+
+# ----------------------------------------------------------------------------- VSE++
+
+
+@pytest.mark.parametrize("over", [[], ["model.image.pool=max"], ["model.image.head=mlp", "model.image.head_hidden=8"]])
+def test_vsepp_pools_over_each_images_own_regions(over):
+    model, _ = _model("vsepp_gru.yaml", *over)
+    feats, real = _padded()
+    with torch.no_grad():
+        got = model.embed_images({"feats": feats, "feat_lens": LENS})
+        alone = torch.cat([model.embed_images({"feats": r[None]}) for r in real])
+        torch.testing.assert_close(got, alone, atol=1e-6, rtol=0)
+        garbage = model.embed_images({"feats": _padded(1e6)[0], "feat_lens": LENS})
+        assert torch.equal(garbage, got)  # zeroed before the FC: bitwise what zero padding gives
+        assert not torch.allclose(model.embed_images({"feats": feats}), got, atol=1e-3)  # without counts it would count
+
+
+# ----------------------------------------------------------------------------- SCAN
+
+SCAN_CASES = [("t2i", "clipped_l2norm", "LogSumExp"),  # the t2i shortcut (no softmax max / normaliser passes)
+              ("t2i", "softmax", "Mean"),  # the general softmax over the regions
+              ("i2t", "clipped_l2norm", "LogSumExp"),  # L2 over the regions, LSE over the regions
+              ("i2t", "softmax", "Mean"),  # a softmax over the regions, then the mean over them
+              ("i2t", "l1norm", "Max")]
+
+
+def _scan(direction, norm, agg, *over):
+    lam = ["model.lambda_softmax=4", "model.lambda_lse=5"] if direction == "i2t" else []
+    return _model("scan_t2i.yaml", f"model.direction={direction}", f"model.raw_feature_norm={norm}",
+                  f"model.agg_func={agg}", *lam, *over)
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 300])  # one call, and image sub-chunks x caption length groups
+@pytest.mark.parametrize("direction,norm,agg", SCAN_CASES)
+def test_scan_scores_with_variable_regions_equal_each_image_alone(direction, norm, agg, budget):
+    model, tok = _scan(direction, norm, agg, f"model.score_budget={budget}")
+    feats, real = _padded()
+    with torch.no_grad():
+        cap = model.embed_captions(_captions(tok))
+        img = model.embed_images({"feats": feats, "feat_lens": LENS})
+        assert set(img) == {"regions", "lens"} and not img["regions"][0, 3:].any()
+        got = model.score(img, cap)
+        alone = torch.cat([model.score(model.embed_images({"feats": r[None]}), cap) for r in real])
+        torch.testing.assert_close(got, alone, atol=1e-6, rtol=0)
+        # garbage in the features' padding, and in the embeddings' padding (the scores mask it themselves)
+        assert torch.equal(model.score(model.embed_images({"feats": _padded(1e6)[0], "feat_lens": LENS}), cap), got)
+        dirty = img["regions"].clone()
+        dirty[torch.arange(dirty.shape[1])[None] >= LENS[:, None]] = 1e3
+        torch.testing.assert_close(model.score({"regions": dirty, "lens": LENS}, cap), got, atol=1e-6, rtol=0)
+        assert not torch.allclose(model.score(model.embed_images({"feats": feats}), cap), got, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_scan_batch_loss_with_variable_regions_is_the_hinge_on_each_images_own_scores(direction):
+    model, tok = _scan(direction, "clipped_l2norm", "LogSumExp", "loss.warmup_epochs=0")
+    feats, real = _padded()
+    batch = {"feats": _padded(1e6)[0], "feat_lens": LENS, "img_ids": torch.arange(6), **_captions(tok)}
+    emb = model.embed(batch)
+    assert not emb["img_lens"].is_floating_point()
+    loss = model.batch_loss(loss_inputs(emb), batch["img_ids"], 0)
+    with torch.no_grad():
+        cap = model.embed_captions(batch)
+        s = torch.cat([model.score(model.embed_images({"feats": r[None]}), cap) for r in real])
+    ref = hinge_from_scores(s, s.t(), batch["img_ids"], batch["img_ids"])
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(model.fc.weight.grad).all() and model.fc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_scan_micro_batches_padded_to_their_own_longest_give_the_whole_batch_step(direction):
+    """Exact accumulation joins micro-batches padded to different region counts (``pad_cat``): the loss and the
+    summed gradient are the whole batch's."""
+    from itr.distributed import pad_cat
+
+    model, tok = _scan(direction, "clipped_l2norm", "LogSumExp", "loss.warmup_epochs=0")
+    feats, _ = _padded()
+    batch = {"feats": feats, "feat_lens": LENS, "img_ids": torch.arange(6), **_captions(tok)}
+    whole = model(batch)["loss"]
+    ref = torch.autograd.grad(whole, model.fc.weight)[0]
+    rows = [(0, 1), (1, 2), (2, 4), (4, 6)]  # each micro-batch padded to its own longest image: 3, 7, 5, 7
+    parts = [{**{k: v[lo:hi] for k, v in batch.items()}, "feats": feats[lo:hi, :int(LENS[lo:hi].max())]}
+             for lo, hi in rows]
+    with torch.no_grad():
+        embs = [loss_inputs(model(p, mode="embed")) for p in parts]
+    context = {k: pad_cat([e[k] for e in embs]) for k in embs[0]}
+    assert context["img"].shape[1] == 7 and [e["img"].shape[1] for e in embs] == [3, 7, 5, 7]
+    grad, losses = torch.zeros_like(ref), []
+    for p, (lo, hi) in zip(parts, rows):
+        loss = model(p, context={"emb": context, "rows": (lo, hi), "img_ids": batch["img_ids"]})["loss"]
+        grad += torch.autograd.grad(loss, model.fc.weight)[0]
+        losses.append(loss.item())
+    assert losses == pytest.approx([whole.item()] * 4, abs=1e-5)
+    torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vsepp_regions", "scan_t2i_regions", "scan_i2t_regions"])
+def test_accumulation_over_micro_batches_of_variable_regions_gives_the_whole_batch_step(name):
+    ref = assert_split_steps_equal(name, [(1, 2), (1, 4)])  # micro-batches padded to 4, 3 / 4, 3, 3, 2 regions
+    assert ref["loss"] > 0 and any(k.endswith("fc.weight") for k in ref["grads"])
+
+
+@pytest.mark.slow
+def test_ranks_of_variable_regions_give_the_whole_batch_step():
+    """Ranks gather images padded to different region counts with their counts (one launch for all)."""
+    runs = [("scan_i2t_regions", 1, {}), ("scan_i2t_regions", 2, {}), ("scan_t2i_regions", 1, {}),
+            ("vsepp_regions", 2, {})]
+    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs])
+    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs)):
+        assert_same_step(got, ref, f"{name}, 2 ranks x {accum} micro-batches")
+
+
+def test_scan_alignment_covers_the_real_regions_only():
+    model, tok = _scan("t2i", "clipped_l2norm", "LogSumExp")
+    feats, real = _padded()
+    with torch.no_grad():
+        img = model.embed_images({"feats": feats, "feat_lens": LENS})
+        cap = model.embed_captions(_captions(tok))
+        a = model.alignment({k: v[1:2] for k, v in img.items()}, {k: v[:1] for k, v in cap.items()})
+        ref = model.alignment(model.embed_images({"feats": real[1][None]}), {k: v[:1] for k, v in cap.items()})
+    assert a["weights"].shape == (int(cap["lens"][0]), 7)
+    torch.testing.assert_close(a["weights"], ref["weights"], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- training steps on TSV shards
+
+
+@pytest.fixture(scope="module")
+def tsv_train(tmp_path_factory):
+    return _tsv_shards(tmp_path_factory.mktemp("tsv"), splits=(("train", 40),))
+
+
+@pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", []), ("scan_t2i.yaml", ["model.direction=t2i"]),
+                                         ("scan_t2i.yaml", ["model.direction=i2t"])])
+def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
+    from itr.data.loader import TrainLoader
+    from itr.data.manifest import load_manifest
+
+    out = tsv_train
+    m = load_manifest(out, "train")
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
+                    ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1",
+                     "loss.warmup_epochs=0", *over])
+    tok = make_tokenizer(r, captions=(out / "train.captions.txt").read_text().splitlines())
+    torch.manual_seed(0)
+    model = build_model(r, m["feature_shape"][1], tok)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses, varied = [], False
+    before = next(model.parameters()).detach().clone()
+    with one_thread():
+        for epoch in range(2):
+            for batch in TrainLoader(m, tok, 40, num_workers=0, shuffle_buffer=20).epoch(epoch):
+                varied |= bool((batch["feat_lens"] < batch["feats"].shape[1]).any())
+                loss = model(batch, epoch=0)["loss"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+    assert varied and len(losses) == 10 and all(math.isfinite(x) for x in losses)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert not torch.equal(before, next(model.parameters()).detach())
+
+
+@pytest.mark.slow
+def test_scan_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(tmp_path):
+    """The evaluation path carries SCAN's {"regions", "lens"} image embeddings through the tiles, and the report
+    draws the attention over each image's own boxes."""
+    from itr.data.manifest import load_manifest
+    from itr.eval.job import run_eval
+    from itr.train import train
+
+    out = _tsv_shards(tmp_path)
+    assert load_manifest(out, "test")["variable_regions"]
+    o = {"data.root": out, "data.num_workers": 0, "data.shuffle_buffer": 50, "train.batch_size": 20,
+         "train.epochs": 1, "train.log_every": 2, "tracking.enabled": "false", "model.embed_dim": 16,
+         "model.text.word_dim": 8, "model.text.min_count": 1, "eval.batch_size": 16, "optim.lr": 2e-3,
+         "model.direction": "i2t", "eval.chunk_size": 8}
+    res = train(load_recipe(ROOT / "recipes" / "synthetic" / "scan_t2i.yaml", [f"{k}={v}" for k, v in o.items()]),
+                tmp_path / "run")
+    assert math.isfinite(res["test"]["rsum"]) and res["test"]["rsum"] > 0
+    again = run_eval(tmp_path / "run" / "best", out, "test", protocol="1k", chunk_size=8, report=tmp_path / "rep")
+    assert again == pytest.approx(res["test"])
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "SCAN i2t attention" in page
+    assert page.count("with its ground truth") == 10  # every text query's own image, whatever its region count
