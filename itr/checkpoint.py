@@ -23,11 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from itr import rundir
+from itr import checkpoint_files, rundir
+from itr.checkpoint_files import PICKLE_SUFFIXES
 from itr.errors import CheckpointError  # noqa: F401  (re-exported)
 
 META, WEIGHTS, RECIPE, VOCAB, TEXT_MODEL, STATE = "itr.json", "model.safetensors", "recipe.yaml", "vocab.json", "text_model", "state"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pkl", ".pth")
+check_files = checkpoint_files.check
 
 
 def resolve(path) -> Path:
@@ -254,8 +255,8 @@ def weights_only_loads():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
-def unsafe_pickle(state_dir):
-    """(file, reason) of the first pickle under ``state_dir`` that weights-only loading refuses, else None."""
+def unloadable(state_dir):
+    """(file, error) of the first pickle under ``state_dir`` that weights-only loading cannot load, else None."""
     from accelerate.utils import load
 
     with weights_only_loads():
@@ -263,24 +264,29 @@ def unsafe_pickle(state_dir):
             if p.is_file() and p.suffix in PICKLE_SUFFIXES:
                 try:
                     load(str(p), map_location="cpu")
-                except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
-                    found = re.search(r"GLOBAL ([\w.]+)", str(e))
-                    return p, (f"the global {found.group(1)}" if found else f"{type(e).__name__}: {str(e)[:200]}")
+                except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+                    return p, e
     return None
 
 
 def load_training_state(accelerator, state_dir, scaler=None):
     """accelerate's ``load_state`` with weights-only unpickling, then this module's RNG and loss-scale files.
-    A file holding anything but tensors and plain containers is refused, naming it."""
+    A file holding anything but tensors and plain containers is refused, naming it; a damaged (truncated) file is
+    named as such, before anything is loaded."""
+    checkpoint_files.check(state_dir, Path(state_dir).parent)
     try:
         with weights_only_loads():
             accelerator.load_state(str(state_dir))
     except Exception as e:
-        bad = unsafe_pickle(state_dir)
+        bad = unloadable(state_dir)
         if bad is None:
             raise
-        raise CheckpointError(f"refusing to unpickle {bad[0]}: it holds more than tensors ({bad[1]}). A checkpoint "
-                              f"written by itr never does; was the file replaced?") from e
+        path, err = bad
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # weights-only unpickling met a class: planted
+        if not found:
+            raise checkpoint_files.damaged(path, f"{type(err).__name__}: {str(err)[:200]}", Path(state_dir).parent) from e
+        raise CheckpointError(f"refusing to unpickle {path}: it holds more than tensors (the global {found.group(1)}). "
+                              f"A checkpoint written by itr never does; was the file replaced?") from e
     if load_rng(state_dir, accelerator.process_index, scaler):
         return
     if (Path(state_dir) / "rng_0.safetensors").is_file():

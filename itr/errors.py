@@ -17,6 +17,10 @@ class CheckpointError(ItrError, FileNotFoundError):
     """Not a usable checkpoint; the message names the directory."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file of a checkpoint is truncated or corrupt; the message names it and what to do instead."""
+
+
 class LaunchError(ItrError, RuntimeError):
     """The processes started are not the ones asked for."""
 

@@ -128,6 +128,7 @@ class Trainer:
         elif self.t.resume:
             self.resume_from = ckpt.resolve(self.t.resume)
         if self.resume_from:
+            ckpt.check_files(self.resume_from)  # a truncated copy is named before anything of it is read
             self.meta = json.loads((self.resume_from / ckpt.META).read_text())
             if self.meta["world_size"] != self.world and self.deepspeed:
                 raise ConfigError(f"{self.resume_from} was written by {self.meta['world_size']} ranks under DeepSpeed, "

@@ -71,6 +71,53 @@ def test_a_planted_pickle_under_any_name_the_trainer_reads_never_runs(small_shar
     assert "optimizer.bin" in refused and "custom_checkpoint_0.pkl" in refused
 
 
+@pytest.fixture(scope="module")
+def stopped_run(small_shards, tmp_path_factory):
+    """An fp16 run with an EMA stopped by SIGTERM at step 13 of 20 (epoch 2: ``best`` exists): every kind of file a
+    resume reads is in its ``last``."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    over = small_overrides(small_shards, **{"train.mixed_precision": "fp16", "train.ema_decay": 0.9})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ITR_FAULT", "term@step 13")
+        assert train(load_recipe(DEMO, over), run) is None
+    return run, over
+
+
+# every file of `last` a resume reads, and its weights (`best` is promoted from them when a kill interrupted that)
+RESUME_READS = ["itr.json", "vocab.json", "model.safetensors", "ema.safetensors", "state/model.safetensors",
+                "state/optimizer.bin", "state/random_states_0.pkl", "state/rng_0.safetensors"]
+
+
+def _legacy(path):
+    """``path`` re-saved in torch's pre-1.6 format (a bare pickle, no zip): only loading it finds it cut short."""
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("name", RESUME_READS + ["state/optimizer.bin legacy", "state/optimizer.bin empty"])
+def test_a_truncated_file_of_the_training_state_is_named_before_any_training(capsys, stopped_run, tmp_path, name):
+    """Each file a resume reads, cut to half its size: the resume stops before it trains with one line naming the file
+    as damaged (not as a planted pickle) and what to do; nothing in the run directory changes."""
+    src, over = stopped_run
+    state = {str(p.relative_to(src / "last")) for p in (src / "last" / "state").iterdir()}
+    assert state - {"scheduler.bin"} <= set(RESUME_READS), state  # a new kind of state file gets its case here
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    rel, _, how = name.partition(" ")
+    f = run / "last" / rel
+    if how == "legacy":
+        _legacy(f)
+    f.write_bytes(b"" if how == "empty" else f.read_bytes()[:f.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+    err = _err(capsys, "train", DEMO, *over, "train.resume=latest", "--out", run)
+    assert f"{f} is damaged (" in err and "nothing was trained" in err, err
+    assert "refusing to unpickle" not in err
+    assert f"train.init_from={run / 'best'}" in err and "start afresh without train.resume" in err, err
+    if how == "empty":
+        assert "the file is empty" in err
+    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
 # ----------------------------------------------------------------------------- one run per directory, full disks
 
 
