@@ -77,3 +77,35 @@ def test_a_run_that_scores_no_test_stops_resumes_and_ends_as_an_uninterrupted_on
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     assert json.loads((cut_dir / "results.json").read_text()) == json.loads((ref_dir / "results.json").read_text())
     assert _same_weights(ref_dir / "best" / "model.safetensors", cut_dir / "best" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_kill_during_the_first_promotion_of_best_leaves_the_best_an_uninterrupted_run_has(epochs, small_shards,
+                                                                                            tmp_path):
+    """A kill in the first-ever promotion of ``best`` before its swap (``last`` already records the new best, no
+    ``best/`` exists yet: the points after the swap are the ordinary recovery of the every-point test), another during
+    the resume, then a resume: ``best/`` is there and is the uninterrupted run's, as are ``last`` and
+    ``results.json``. 1 epoch: the resume only reconciles, then tests; 2: it trains on."""
+    overrides = small_overrides(small_shards, **{"train.epochs": epochs, "model.text.word_dim": 16})
+    p = subprocess.run([sys.executable, str(HELPER), "--first", "--points", "best: tmp",
+                        str(ROOT / "recipes" / "synthetic" / "vsepp_gru.yaml"), str(tmp_path), *overrides],
+                       capture_output=True, text=True, errors="replace", timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["points"] == ["best: tmp cleared", "best: tmp written"], report["points"]
+    ref = tmp_path / "ref"
+    for name, sc in report["scenarios"].items():
+        runs, out = sc["runs"], sc["dir"]
+        assert sc["faults"][0] == f"{name.split(' / ')[0]}:1", sc
+        log = read_log(out + ".log", tail=3000)
+        assert runs[0] == "killed" and runs[-1] == "ok", (name, runs, log)
+        for ck in ("last", "best"):
+            assert _same_weights(ref / ck / "model.safetensors", f"{out}/{ck}/model.safetensors"), (name, ck, runs)
+        assert json.loads(open(f"{out}/results.json").read()) == json.loads((ref / "results.json").read_text()), name
+    # before the tmp folder is complete, nothing but last's record of the best is left: the resume promotes it again
+    # (checkpoint.reconcile_best), also after a second kill in that very promotion
+    cleared = report["scenarios"]["best: tmp cleared"]
+    assert cleared["runs"] == ["killed", "killed", "ok"], cleared
+    assert "promoted again from last" in read_log(cleared["dir"] + ".log", tail=20000)

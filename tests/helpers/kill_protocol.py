@@ -1,6 +1,9 @@
 """Kill `itr train` at every point of the run-directory protocol, then again during the resume, then resume.
 
-    python kill_protocol.py [--points PREFIX,...] RECIPE WORK [key=value ...]
+    python kill_protocol.py [--first] [--points PREFIX,...] RECIPE WORK [key=value ...]
+
+Each scenario kills at a point's 2nd occurrence where there is one (a checkpoint exists before the kill); with
+``--first`` at its 1st (the first-ever promotion of ``best``: no ``best/`` yet).
 
 Writes WORK/report.json: the points of an uninterrupted run (WORK/ref, traced with ITR_FAULT_TRACE), and for
 each scenario its run directory and how each run in it ended. The test compares the directories with WORK/ref.
@@ -61,7 +64,7 @@ def ended(status):
     return "ok" if os.WEXITSTATUS(status) == 0 else "failed"
 
 
-def main(recipe_path, work, *overrides, prefixes=("",)):
+def main(recipe_path, work, *overrides, prefixes=("",), first=False):
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     trace = work / "trace.txt"
@@ -71,11 +74,11 @@ def main(recipe_path, work, *overrides, prefixes=("",)):
               if p and not p.startswith("step ") and p.startswith(tuple(prefixes))]
     counts = {p: trace.read_text().split("\n").count(p) for p in points}
     scenarios = []
-    for p in points:  # a later occurrence where there is one: a checkpoint exists before the kill
-        first = f"{p}:{2 if counts[p] > 1 else 1}"
-        scenarios.append((p, [first, p, None]))
+    for p in points:
+        kill = f"{p}:{2 if counts[p] > 1 and not first else 1}"
+        scenarios.append((p, [kill, p, None]))
         if p in RECOVERY:
-            scenarios.append((f"{p} / {RECOVERY[p]}", [first, RECOVERY[p], None]))
+            scenarios.append((f"{p} / {RECOVERY[p]}", [kill, RECOVERY[p], None]))
     report = {"points": points, "counts": counts, "scenarios": {}}
     pending = list(enumerate(scenarios))
     running = {}  # pid -> (index, step)
@@ -105,7 +108,9 @@ def main(recipe_path, work, *overrides, prefixes=("",)):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    first = args[0] == "--first"
+    args = args[first:]
     if args[0] == "--points":
-        main(*args[2:], prefixes=tuple(args[1].split(",")))
+        main(*args[2:], prefixes=tuple(args[1].split(",")), first=first)
     else:
-        main(*args)
+        main(*args, first=first)
