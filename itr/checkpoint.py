@@ -284,7 +284,8 @@ def load_training_state(accelerator, state_dir, scaler=None):
         path, err = bad
         found = re.search(r"GLOBAL ([\w.]+)", str(err))  # weights-only unpickling met a class: planted
         if not found:
-            raise checkpoint_files.damaged(path, f"{type(err).__name__}: {str(err)[:200]}", Path(state_dir).parent) from e
+            why = f"{type(err).__name__}: {str(err)[:200]}"
+            raise checkpoint_files.damaged(path, why, Path(state_dir).parent) from e
         raise CheckpointError(f"refusing to unpickle {path}: it holds more than tensors (the global {found.group(1)}). "
                               f"A checkpoint written by itr never does; was the file replaced?") from e
     if load_rng(state_dir, accelerator.process_index, scaler):
