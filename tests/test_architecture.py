@@ -106,3 +106,30 @@ def test_the_architecture_map_names_files_that_exist():
     assert len(named) > 20
     missing = sorted(n for n in named if not (ROOT / n).is_file())
     assert missing == [], missing
+
+
+
+def _repeated_blocks(root, folders, window=6):
+    """Blocks of ``window`` identical code lines (stripped; blank lines, comments and lone closing brackets
+    skipped; short or import-only blocks ignored) that occur in more than one place under ``folders``."""
+    seen = {}
+    for path in sorted(f for folder in folders for f in (root / folder).rglob("*.py")):
+        lines = [(i + 1, s.strip()) for i, s in enumerate(path.read_text().splitlines())]
+        lines = [(i, s) for i, s in lines if s and not s.startswith("#") and s not in (")", "]", "}", '"""', "),")]
+        for k in range(len(lines) - window + 1):
+            block = tuple(s for _, s in lines[k:k + window])
+            if sum(map(len, block)) >= 120 and not all(s.startswith(("import ", "from ")) for s in block):
+                seen.setdefault(block, []).append(f"{path.relative_to(root)}:{lines[k][0]}")
+    return [places for places in seen.values() if len(places) > 1]
+
+
+def test_no_block_of_six_identical_lines_repeated_in_the_package():
+    assert _repeated_blocks(ROOT, ["itr", "shards"]) == []
+
+
+def test_the_repeat_check_finds_a_copied_block(tmp_path):
+    body = "".join(f"    value_{i} = compute_something(argument_{i}, other_{i})\n" for i in range(6))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text(f"def f():\n{body}")
+    (tmp_path / "pkg" / "b.py").write_text(f"def g():\n    # a comment\n\n{body}")
+    assert _repeated_blocks(tmp_path, ["pkg"]) == [["pkg/a.py:2", "pkg/b.py:4"]]
