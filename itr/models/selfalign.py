@@ -180,6 +180,7 @@ class SelfAlignVSRNConfig(VSRNConfig, SelfAlignFields):
 @MODELS.register("selfalign_vsrn", SelfAlignVSRNConfig)
 class SelfAlignVSRN(SelfAlignMixin, VSRN):
     model_name = "selfalign_vsrn"
+    takes_region_lens = False
 
     def __init__(self, cfg: SelfAlignVSRNConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(cfg, img_dim, tokenizer, loss_cfg)

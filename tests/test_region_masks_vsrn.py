@@ -1,0 +1,158 @@
+"""Variable region counts in VSRN, CAMERA and SelfAlign on them: a padded batch embeds (and its region-level losses
+come out) as each image alone with only its real regions, whatever the padding holds; a few training steps on TSV
+shards. The pattern of tests/test_region_masks.py."""
+import math
+
+import pytest
+import torch
+
+from itr.config import load_recipe
+from itr.data.loader import collate_tokens
+from itr.models import build_model, make_tokenizer
+from itr.models.base import loss_inputs
+
+from conftest import ROOT, assert_split_steps_equal, one_thread
+from test_region_masks import CAPS, DIM, LENS, _padded
+from test_variable_regions import _tsv_shards
+
+VSRN = ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1", "model.caption_hidden=8",
+        "model.caption_word_dim=6"]
+CAMERA = ["model.embed_dim=16", "model.heads=2", "model.views=3"]
+SELFALIGN = ["model.prototypes=24", "model.negatives=7", "data.max_words=12"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _build(recipe, over, bert=None):
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
+                    [*over, *([f"model.text.path={bert}"] if bert else []), "loss.warmup_epochs=0"])
+    tok = make_tokenizer(r, captions=CAPS)
+    torch.manual_seed(0)
+    model = build_model(r, DIM, tok).eval()
+    with torch.no_grad():  # as training leaves them: BatchNorms that act (VSRN's start at zero), biases that move
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif ".bn" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    return model, tok
+
+
+def _boxes(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(len(LENS), int(LENS.max()), 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.1 + 0.4 * torch.rand(len(LENS), int(LENS.max()), 2, generator=g)], dim=-1)
+    return boxes.masked_fill((torch.arange(boxes.shape[1])[None] >= LENS[:, None])[..., None], 0)
+
+
+def _images(garbage=0.0):
+    """The padded batch (features and boxes) and each image alone with its real regions."""
+    feats, real = _padded(garbage)
+    boxes = _boxes()
+    if garbage:
+        boxes = boxes.masked_fill((torch.arange(boxes.shape[1])[None] >= LENS[:, None])[..., None], garbage)
+    alone = [{"feats": r[None], "boxes": boxes[i:i + 1, :len(r)]} for i, r in enumerate(real)]
+    return {"feats": feats, "boxes": boxes, "feat_lens": LENS}, alone
+
+
+def _captions(tok):
+    ids, lens = collate_tokens([tok.encode(c) for c in CAPS], tok.pad_id)
+    return {"text_ids": ids, "text_lens": lens, "img_ids": torch.arange(len(CAPS))}
+
+
+def _embeds_as_each_image_alone(model):
+    batch, alone = _images()
+    with torch.no_grad():
+        got = model.embed_images(batch)
+        ref = torch.cat([model.embed_images(a) for a in alone])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        assert torch.equal(model.embed_images(_images(1e6)[0]), got)  # garbage in the padding reaches nothing
+        unmasked = {k: v for k, v in batch.items() if k != "feat_lens"}
+        assert not torch.allclose(model.embed_images(unmasked), got, atol=1e-3)  # without counts it would count
+    return got
+
+
+# ----------------------------------------------------------------------------- VSRN
+
+
+@pytest.mark.parametrize("over", [[], ["model.l2_axis=features"], ["model.fc_norm=false", "model.out_bn=true"]])
+def test_vsrn_embeds_each_image_over_its_own_regions(over):
+    model, _ = _build("vsrn.yaml", VSRN + over)
+    _embeds_as_each_image_alone(model)
+
+
+def test_vsrn_caption_loss_with_variable_regions_is_the_sum_of_each_images_own():
+    model, tok = _build("vsrn.yaml", VSRN)
+    batch, alone = _images()
+    caps = _captions(tok)
+    with torch.no_grad():
+        got = model.embed({**batch, **caps})["aux_loss"]
+        ref = sum(model.embed({**a, **{k: v[i:i + 1] for k, v in caps.items()}})["aux_loss"]
+                  for i, a in enumerate(alone))
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.equal(model.embed({**_images(1e6)[0], **caps})["aux_loss"], got)
+
+
+def test_vsrn_garbage_in_the_padding_changes_no_training_step():
+    """Training mode (batch-statistics BatchNorm in the GCN): the loss and every gradient ignore the padding."""
+    model, tok = _build("vsrn.yaml", VSRN + ["model.caption_dropout=0"])
+    model.train()
+    steps = []
+    for garbage in (0.0, 1e3):
+        loss = model({**_images(garbage)[0], **_captions(tok)})["loss"]
+        model.zero_grad()
+        loss.backward()
+        steps.append((loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    assert steps[0][0] == pytest.approx(steps[1][0], rel=1e-6)
+    for k, g in steps[0][1].items():
+        torch.testing.assert_close(steps[1][1][k], g, atol=1e-6, rtol=1e-5, msg=k)
+    assert steps[0][1]["img_enc.gcn.0.W.weight"].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- training steps on TSV shards
+
+
+@pytest.fixture(scope="module")
+def tsv_train(tmp_path_factory):
+    return _tsv_shards(tmp_path_factory.mktemp("tsv"), splits=(("train", 40),))
+
+
+def _train_a_few_steps(out, recipe, over, bert=None):
+    from itr.data.loader import TrainLoader
+    from itr.data.manifest import load_manifest
+
+    m = load_manifest(out, "train")
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
+                    [*over, *([f"model.text.path={bert}"] if bert else []), "loss.warmup_epochs=0"])
+    tok = make_tokenizer(r, captions=(out / "train.captions.txt").read_text().splitlines())
+    torch.manual_seed(0)
+    model = build_model(r, m["feature_shape"][1], tok)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, varied = [], False
+    before = model.img_enc.fc.weight.detach().clone()
+    for epoch in range(2):
+        for batch in TrainLoader(m, tok, 40, num_workers=0, shuffle_buffer=20).epoch(epoch):
+            varied |= bool((batch["feat_lens"] < batch["feats"].shape[1]).any())
+            loss = model(batch, epoch=1)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert varied and len(losses) == 10 and all(math.isfinite(x) for x in losses)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert not torch.equal(before, model.img_enc.fc.weight.detach())
+
+
+@pytest.mark.parametrize("recipe,over", [("vsrn.yaml", VSRN)])
+def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
+    _train_a_few_steps(tsv_train, recipe, over)
