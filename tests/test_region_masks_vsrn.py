@@ -118,6 +118,28 @@ def test_vsrn_garbage_in_the_padding_changes_no_training_step():
     assert steps[0][1]["img_enc.gcn.0.W.weight"].abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- CAMERA
+
+
+@pytest.mark.parametrize("over", [[], ["model.l2_axis=features"]])
+def test_camera_embeds_each_image_over_its_own_regions(tiny_bert, over):
+    model, _ = _build("camera.yaml", CAMERA + over, tiny_bert)
+    _embeds_as_each_image_alone(model)
+
+
+def test_camera_diversity_regularizer_with_variable_regions_is_the_sum_of_each_images_own(tiny_bert):
+    from itr.modules.ops import diversity_regularizer
+
+    model, _ = _build("camera.yaml", CAMERA, tiny_bert)
+    batch, alone = _images()
+    with torch.no_grad():
+        got = diversity_regularizer(model.image_features(batch)["smry"])
+        ref = sum(diversity_regularizer(model.image_features(a)["smry"]) for a in alone)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+        unmasked = model.image_features({k: v for k, v in batch.items() if k != "feat_lens"})["smry"]
+        assert diversity_regularizer(unmasked).item() != pytest.approx(got.item(), rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- training steps on TSV shards
 
 
@@ -156,3 +178,8 @@ def _train_a_few_steps(out, recipe, over, bert=None):
 @pytest.mark.parametrize("recipe,over", [("vsrn.yaml", VSRN)])
 def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
     _train_a_few_steps(tsv_train, recipe, over)
+
+
+@pytest.mark.parametrize("recipe,over", [("camera.yaml", CAMERA)])
+def test_a_few_bert_training_steps_on_variable_region_tsv_shards(tsv_train, tiny_bert, recipe, over):
+    _train_a_few_steps(tsv_train, recipe, over, tiny_bert)

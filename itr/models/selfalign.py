@@ -251,6 +251,7 @@ class SelfAlignCAMERAConfig(CAMERAConfig, SelfAlignFields):
 @MODELS.register("selfalign_camera", SelfAlignCAMERAConfig)
 class SelfAlignCAMERA(SelfAlignMixin, CAMERA):
     model_name = "selfalign_camera"
+    takes_region_lens = False
     selfalign_text = True
 
     def __init__(self, cfg: SelfAlignCAMERAConfig, img_dim: int, tokenizer, loss_cfg=None):
