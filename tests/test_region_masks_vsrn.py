@@ -11,7 +11,7 @@ from itr.data.loader import collate_tokens
 from itr.models import build_model, make_tokenizer
 from itr.models.base import loss_inputs
 
-from conftest import ROOT, assert_split_steps_equal, one_thread
+from conftest import ROOT, assert_same_step, assert_split_steps_equal, launch_steps, one_thread
 from test_region_masks import CAPS, DIM, LENS, _padded
 from test_variable_regions import _tsv_shards
 
@@ -140,6 +140,73 @@ def test_camera_diversity_regularizer_with_variable_regions_is_the_sum_of_each_i
         assert diversity_regularizer(unmasked).item() != pytest.approx(got.item(), rel=1e-3)
 
 
+# ----------------------------------------------------------------------------- SelfAlign on VSRN and CAMERA
+
+SELFALIGN_CASES = [("selfalign_vsrn.yaml", VSRN + SELFALIGN, False), ("selfalign_camera.yaml", CAMERA + SELFALIGN, True)]
+
+
+@pytest.mark.parametrize("recipe,over,bert", SELFALIGN_CASES)
+def test_selfalign_embeds_each_image_over_its_own_regions(tiny_bert, recipe, over, bert):
+    model, _ = _build(recipe, over, tiny_bert if bert else None)
+    _embeds_as_each_image_alone(model)
+
+
+def _wider(batch, regions, garbage):
+    """The same images padded further, with ``garbage`` in all of their padding."""
+    out = dict(batch)
+    for k in ("feats", "boxes"):
+        v = torch.full((*batch[k].shape[:1], regions, batch[k].shape[2]), garbage)
+        v[:, :batch[k].shape[1]] = batch[k]
+        v[torch.arange(regions)[None] >= LENS[:, None]] = garbage
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("recipe,over,bert", SELFALIGN_CASES)
+def test_selfalign_losses_leave_the_padding_out(tiny_bert, recipe, over, bert):
+    """Concept (Sinkhorn codes over the real regions only, words matched to real regions) and context (the image
+    locals as keys): the loss and its gradient do not change when the batch is padded further with garbage, and
+    with every region real the counts give the fixed-region loss."""
+    model, tok = _build(recipe, over, tiny_bert if bert else None)
+    batch = {**_images()[0], **_captions(tok)}
+
+    def step(b):
+        emb = model.embed(b)
+        loss = model.batch_loss(loss_inputs(emb), b["img_ids"], 1)
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), model.img_enc.fc.weight.grad.clone()
+
+    loss, grad = step(batch)
+    wide_loss, wide_grad = step(_wider(batch, 11, 1e3))
+    assert wide_loss == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(wide_grad, grad, atol=1e-6, rtol=1e-4)
+    assert step({k: v for k, v in batch.items() if k != "feat_lens"})[0] != pytest.approx(loss, rel=1e-3)
+    full = {**batch, "feat_lens": torch.full_like(LENS, int(LENS.max()))}
+    assert step(full)[0] == pytest.approx(step({k: v for k, v in full.items() if k != "feat_lens"})[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vsrn_regions", "selfalign_vsrn_regions"])
+def test_accumulation_over_micro_batches_of_variable_regions_gives_the_whole_batch_step(name):
+    ref = assert_split_steps_equal(name, [(1, 2), (1, 4)])  # micro-batches padded to 4, 3 / 4, 3, 3, 2 regions
+    assert ref["loss"] > 0 and any(k.endswith("gcn.0.W.weight") for k in ref["grads"])
+
+
+@pytest.mark.parametrize("name", ["camera_regions", "selfalign_camera_regions"])
+def test_bert_accumulation_over_micro_batches_of_variable_regions_gives_the_whole_batch_step(tiny_bert, name):
+    ref = assert_split_steps_equal(name, [(1, 2), (1, 4)], bert=tiny_bert)
+    assert ref["loss"] > 0 and any(k.endswith("agsa.att.q.weight") for k in ref["grads"])
+
+
+@pytest.mark.slow
+def test_ranks_of_variable_regions_give_the_whole_batch_step(tiny_bert):
+    """Ranks gather region features padded to different region counts with their counts (one launch for all)."""
+    runs = [("selfalign_vsrn_regions", 1, {}), ("selfalign_camera_regions", 2, {}), ("vsrn_regions", 1, {})]
+    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs], bert=tiny_bert)
+    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs, bert=tiny_bert)):
+        assert_same_step(got, ref, f"{name}, 2 ranks x {accum} micro-batches")
+
+
 # ----------------------------------------------------------------------------- training steps on TSV shards
 
 
@@ -175,11 +242,11 @@ def _train_a_few_steps(out, recipe, over, bert=None):
     assert not torch.equal(before, model.img_enc.fc.weight.detach())
 
 
-@pytest.mark.parametrize("recipe,over", [("vsrn.yaml", VSRN)])
+@pytest.mark.parametrize("recipe,over", [("vsrn.yaml", VSRN), ("selfalign_vsrn.yaml", VSRN + SELFALIGN)])
 def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
     _train_a_few_steps(tsv_train, recipe, over)
 
 
-@pytest.mark.parametrize("recipe,over", [("camera.yaml", CAMERA)])
+@pytest.mark.parametrize("recipe,over", [("camera.yaml", CAMERA), ("selfalign_camera.yaml", CAMERA + SELFALIGN)])
 def test_a_few_bert_training_steps_on_variable_region_tsv_shards(tsv_train, tiny_bert, recipe, over):
     _train_a_few_steps(tsv_train, recipe, over, tiny_bert)
