@@ -152,7 +152,8 @@ class CameraImageEncoder(nn.Module):
             views = l2norm(torch.softmax(smry, dim=1).transpose(1, 2) @ an)  # (B, k, d)
         else:  # no view weight on padding; the summary (diversity regularizer) zero there
             pad = ~mask.unsqueeze(-1)
-            views = l2norm(torch.softmax(smry.masked_fill(pad, torch.finfo(smry.dtype).min), dim=1).transpose(1, 2) @ an)
+            weights = torch.softmax(smry.masked_fill(pad, torch.finfo(smry.dtype).min), dim=1)
+            views = l2norm(weights.transpose(1, 2) @ an)
             smry = smry.masked_fill(pad, 0)
         return {"fc": fc, "agsa": a, "views": views, "smry": smry, "mask": mask}
 
