@@ -27,6 +27,11 @@ Deviations (documented choices):
   BatchNorms and the mean, so a caption's embedding does not depend on the batch's padding.
   ``model.pad_tokens=32`` restores the reference's text forward (``itr import --from camera``
   sets it: a released checkpoint was trained with its padding).
+
+Variable region counts (bottom-up TSVs, ``feat_lens``): the padded regions are zeroed (L2 over the real regions),
+get no attention in the AGSA and no part in its BatchNorm, reach the summarization's convolutions as zeros (as
+the convolutions' own padding past an image's end) and get no view weight, so a padded batch embeds as each image
+alone; the diversity regularizer sees the real regions only.
 """
 import math
 from dataclasses import dataclass
@@ -121,6 +126,7 @@ class Summarization(nn.Module):
         self.fc = nn.Linear(sum(self.OUT), k)
 
     def forward(self, x):
+        """``x`` zero past each image's regions: the convolutions then see what they see past an image's end."""
         y = x.transpose(1, 2)
         y = torch.cat([F.relu(conv(y)) for conv in self.convs], dim=1)
         return self.fc(y.transpose(1, 2))  # (B, R, k) logits
@@ -135,13 +141,21 @@ class CameraImageEncoder(nn.Module):
         self.agsa = AGSA(dim, heads, drop)
         self.mvs = Summarization(dim, k)
 
-    def forward(self, feats, boxes):
-        fc = l2norm_over(self.fc(feats.to(self.fc.weight.dtype)), self.l2_axis)
-        a = self.agsa(fc, self.pos(boxes))
-        an = l2norm_over(a, self.l2_axis)
+    def forward(self, feats, boxes, lens=None):
+        """``lens``: each image's region count (variable-region data, padding past it), or None: all count."""
+        mask = None if lens is None else length_mask(lens, feats.shape[1])
+        fc = l2norm_over(self.fc(feats.to(self.fc.weight.dtype)), self.l2_axis, mask)
+        a = self.agsa(fc, self.pos(boxes), mask)
+        an = l2norm_over(a, self.l2_axis, mask)
         smry = self.mvs(an)
-        views = l2norm(torch.softmax(smry, dim=1).transpose(1, 2) @ an)  # (B, k, d)
-        return {"fc": fc, "agsa": a, "views": views, "smry": smry}
+        if mask is None:
+            views = l2norm(torch.softmax(smry, dim=1).transpose(1, 2) @ an)  # (B, k, d)
+        else:  # no view weight on padding; the summary (diversity regularizer) zero there
+            pad = ~mask.unsqueeze(-1)
+            weights = torch.softmax(smry.masked_fill(pad, torch.finfo(smry.dtype).min), dim=1)
+            views = l2norm(weights.transpose(1, 2) @ an)
+            smry = smry.masked_fill(pad, 0)
+        return {"fc": fc, "agsa": a, "views": views, "smry": smry, "mask": mask}
 
 
 class CameraTextEncoder(nn.Module):
@@ -210,6 +224,7 @@ class CAMERAConfig:
 @MODELS.register("camera", CAMERAConfig)
 class CAMERA(MatchingModel):
     model_name = "camera"
+    takes_region_lens = True  # variable-region data: padding masked in the AGSA, the summarization and its views
     selfalign_text = False
 
     def __init__(self, cfg: CAMERAConfig, img_dim: int, tokenizer, loss_cfg=None):
@@ -227,7 +242,7 @@ class CAMERA(MatchingModel):
         if "boxes" not in batch:
             raise DataError(f"model.name={self.model_name} needs region boxes (batch key 'boxes', from {{split}}_boxes.npy) but the data has none "
                             f"(pooled features?); use data with region features and boxes")
-        return self.img_enc(batch["feats"], batch["boxes"])
+        return self.img_enc(batch["feats"], batch["boxes"], batch.get("feat_lens"))
 
     def embed(self, batch):
         im = self.image_features(batch)

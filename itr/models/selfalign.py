@@ -44,6 +44,9 @@ Documented choices where the reference is silent or does not fit a distributed t
   apart; they are rare at Flickr30K/COCO scale).
 - Sinkhorn iterations: the models of the reference call ``LCA_loss(..., sinkhorn_iterations=2)``
   (the class default is 3); 2 is the default here.
+- Variable region counts (``feat_lens``): the Sinkhorn codes (equal use of the prototypes) are over the real
+  regions, words match real regions only, and the image's context locals (CRA keys, their mean) leave the
+  padding out; the counts ride along as ``img_lens``.
 - Frozen prototypes in the first epoch get a zero gradient rather than none (a parameter without a
   gradient would stall DDP); with Adam and no weight decay the update is zero as well, the only
   difference being Adam's step count (bias correction) when they start to move.
@@ -104,43 +107,60 @@ class SelfAlignMixin:
             self.img_ctx = ContextHead(d, cfg.ctx_relu)
             self.txt_ctx = ContextHead(d, cfg.ctx_relu)
 
-    def alignment_inputs(self, regions, words, mask, img_locals_src, txt_locals_src):
-        """Per-pair tensors for batch_loss, plus the context features for the retrieval embedding."""
+    def alignment_inputs(self, regions, words, mask, img_locals_src, txt_locals_src, img_lens=None):
+        """Per-pair tensors for batch_loss, plus the context features for the retrieval embedding.
+        ``img_lens``: variable regions (``regions`` and ``img_locals_src`` zero past each image's count)."""
         out, ctx = {}, {}
+        img_mask = None if img_lens is None else length_mask(img_lens, regions.shape[1])
         if self.cfg.concept or self.cfg.context:
             out["cap_mask"] = pad_slots(mask.to(regions.dtype), self.word_slots)
+            if img_lens is not None:
+                out["img_lens"] = img_lens
         if self.cfg.concept:
             out["img_regions"] = l2norm(regions)
             out["cap_words"] = pad_slots(l2norm(words), self.word_slots)
         if self.cfg.context:
-            ic = self.img_ctx(img_locals_src)
+            ic = self.img_ctx(img_locals_src, img_mask)
             tc = self.txt_ctx(txt_locals_src, mask)
             out.update(img_locals=ic["locals"], img_glo=ic["glo"], cap_locals=pad_slots(tc["locals"], self.word_slots),
                        cap_glo=tc["glo"])
-            ctx = {"img": (ic["fused"], ic["locals"].mean(1)), "cap": (masked_mean(tc["locals"], mask), tc["fused"])}
+            ctx = {"img": (ic["fused"], self.mean_locals(ic, img_mask)),
+                   "cap": (masked_mean(tc["locals"], mask), tc["fused"])}
         return out, ctx
+
+    @staticmethod
+    def mean_locals(ic, img_mask):
+        return ic["locals"].mean(1) if img_mask is None else masked_mean(ic["locals"], img_mask)
+
+    def image_context(self, locals_src, img_lens):
+        """The image's context features for its retrieval embedding (evaluation)."""
+        img_mask = None if img_lens is None else length_mask(img_lens, locals_src.shape[1])
+        ic = self.img_ctx(locals_src, img_mask)
+        return {"img": (ic["fused"], self.mean_locals(ic, img_mask))}
 
     def alignment_loss(self, emb, img_ids, epoch):
         cfg = self.cfg
-        keys = [k for k in ("img_regions", "cap_words", "cap_mask", "img_locals", "img_glo", "cap_locals", "cap_glo")
-                if k in emb]
+        keys = [k for k in ("img_regions", "cap_words", "cap_mask", "img_locals", "img_glo", "cap_locals", "cap_glo",
+                            "img_lens") if k in emb]
         n = emb[keys[0]].shape[0]
         with torch.autocast(emb[keys[0]].device.type, enabled=False):
-            emb = {k: emb[k].float() for k in keys}
+            emb = {k: emb[k].float() if emb[k].is_floating_point() else emb[k] for k in keys}
             full, ids_all, offset = self.criterion.candidates(emb, img_ids)
             if full is not emb:
                 n_global = full[keys[0]].shape[0]
             else:  # one process, or per-rank negatives (whose loss is still over the global batch)
                 n_global = n * (torch.distributed.get_world_size() if is_distributed() else 1)
+            regions = full["img_regions" if cfg.concept else "img_locals"]
+            img_mask = length_mask(full["img_lens"], regions.shape[1]) if "img_lens" in full else None
             total = 0.0
             if cfg.concept:
                 frozen = epoch < cfg.freeze_prototypes_epochs
                 total = total + cfg.concept_weight * self.lca(
-                    full["img_regions"], emb["cap_words"], emb["cap_mask"], offset, n_global, frozen)
+                    full["img_regions"], emb["cap_words"], emb["cap_mask"], offset, n_global, frozen, img_mask)
             if cfg.context:
                 same = img_ids[:, None] == ids_all[None, :] if self.criterion.cfg.mask_same_image else None
                 v2t = cra_loss(full["img_locals"], full["cap_glo"], offset, n, n_global, cfg.tau_image_locals,
-                               cfg.negatives, same=same)
+                               cfg.negatives, key_mask_all=None if img_mask is None else img_mask.float(), same=same)
                 t2v = cra_loss(full["cap_locals"], full["img_glo"], offset, n, n_global, cfg.tau_text_locals,
                                cfg.negatives, key_mask_all=full["cap_mask"], same=same)
                 total = total + cfg.context_weight * 0.5 * (v2t + t2v)
@@ -193,7 +213,7 @@ class SelfAlignVSRN(SelfAlignMixin, VSRN):
         return SelfAlignGRUText(tcfg, len(tokenizer), cfg.embed_dim)
 
     def _sides(self, batch, images=True, captions=True):
-        im = self.img_enc(batch["feats"]) if images else None
+        im = self.img_enc(batch["feats"], batch.get("feat_lens")) if images else None
         tx = self.txt_enc(batch["text_ids"], batch["text_lens"]) if captions else None
         return im, tx
 
@@ -211,7 +231,8 @@ class SelfAlignVSRN(SelfAlignMixin, VSRN):
 
     def embed(self, batch):
         im, tx = self._sides(batch)
-        out, ctx = self.alignment_inputs(im["fc"], tx["words"], tx["mask"], im["gcn"], tx["states"])
+        out, ctx = self.alignment_inputs(im["fc"], tx["words"], tx["mask"], im["gcn"], tx["states"],
+                                         batch.get("feat_lens"))
         out.update(img=self._img_embedding(im, ctx), cap=self._cap_embedding(tx, ctx))
         aux = self.caption_loss(im["gcn_n"], batch)
         if aux is not None:
@@ -219,11 +240,10 @@ class SelfAlignVSRN(SelfAlignMixin, VSRN):
         return out
 
     def embed_images(self, batch):
-        im = self.img_enc(batch["feats"])
+        im = self.img_enc(batch["feats"], batch.get("feat_lens"))
         if not self.cfg.context:
             return im["emb"]
-        ic = self.img_ctx(im["gcn"])
-        return self._img_embedding(im, {"img": (ic["fused"], ic["locals"].mean(1))})
+        return self._img_embedding(im, self.image_context(im["gcn"], batch.get("feat_lens")))
 
     def embed_captions(self, batch):
         tx = self.txt_enc(batch["text_ids"], batch["text_lens"])
@@ -276,7 +296,8 @@ class SelfAlignCAMERA(SelfAlignMixin, CAMERA):
     def embed(self, batch):
         im = self.image_features(batch)
         tx = self.txt_enc(batch["text_ids"], batch["text_lens"])
-        out, ctx = self.alignment_inputs(im["fc"], tx["words"], tx["mask"], im["agsa"], tx["agsa"])
+        out, ctx = self.alignment_inputs(im["fc"], tx["words"], tx["mask"], im["agsa"], tx["agsa"],
+                                         batch.get("feat_lens"))
         out.update(img=self._img_embedding(im, ctx), cap=self._cap_embedding(tx, ctx))
         if self.cfg.div_weight:
             out["aux_loss"] = self.cfg.div_weight * diversity_regularizer(im["smry"])
@@ -286,8 +307,7 @@ class SelfAlignCAMERA(SelfAlignMixin, CAMERA):
         im = self.image_features(batch)
         if not self.cfg.context:
             return im["views"]
-        ic = self.img_ctx(im["agsa"])
-        return self._img_embedding(im, {"img": (ic["fused"], ic["locals"].mean(1))})
+        return self._img_embedding(im, self.image_context(im["agsa"], batch.get("feat_lens")))
 
     def embed_captions(self, batch):
         tx = self.txt_enc(batch["text_ids"], batch["text_lens"])

@@ -18,17 +18,23 @@ Here the caption loss is a per-micro-batch ``aux_loss`` that the trainer sums ov
 and ranks, so it is the summed NLL divided by a fixed ``caption_norm`` (128): that keeps the
 reference's weighting at batch 128 and stays exact under gradient accumulation and any number of
 ranks (a per-micro-batch mean would not).
+
+Variable region counts (bottom-up TSVs, ``feat_lens``): the padded regions are zeroed after the FC, get no
+edges in the GCN (whose affinity divides by each image's own count) and no part in its BatchNorm or the L2
+over the regions; the reasoning GRU and the captioner's encoder stop at each image's last region, and the
+captioner's attention leaves the padding out, so a padded batch embeds as each image alone.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from itr.schema import component, param
 from itr.models.base import MatchingModel
 from itr.modules.encoders import text_entry
-from itr.modules.ops import L2_AXIS_HELP, check_l2_axis, l2norm, l2norm_over, xavier_linear
+from itr.modules.ops import L2_AXIS_HELP, check_l2_axis, l2norm, l2norm_over, length_mask, masked_bn, xavier_linear
 from itr.registry import MODELS
 
 
@@ -51,11 +57,18 @@ class RsGCN(nn.Module):
         nn.init.zeros_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
-    def forward(self, v):
+    def forward(self, v, mask=None):
         b, n, c = v.shape
-        r = self.theta(v) @ self.phi(v).transpose(1, 2) / n
-        y = self.W(r @ self.g(v))
-        return v + self.bn(y.reshape(b * n, c)).view(b, n, c)
+        if mask is None:
+            r = self.theta(v) @ self.phi(v).transpose(1, 2) / n
+            y = self.W(r @ self.g(v))
+            return v + self.bn(y.reshape(b * n, c)).view(b, n, c)
+        # variable regions (``v`` zero past each image's count): no edges to padding, each image's own
+        # region count, BatchNorm over the real regions; the padding stays zero
+        m = mask.unsqueeze(-1).to(v.dtype)
+        r = self.theta(v) @ self.phi(v).transpose(1, 2) / m.sum(1, keepdim=True)
+        y = self.W(r @ (self.g(v) * m))
+        return v + masked_bn(self.bn, y, mask)
 
 
 class VSRNImageEncoder(nn.Module):
@@ -75,19 +88,26 @@ class VSRNImageEncoder(nn.Module):
         self.rnn = nn.GRU(dim, dim, 1, batch_first=True)
         self.out_bn = nn.BatchNorm1d(dim) if out_bn else None
 
-    def forward(self, feats):
+    def forward(self, feats, lens=None):
+        """``lens``: each image's region count (variable-region data, padding past it), or None: all count."""
+        mask = None if lens is None else length_mask(lens, feats.shape[1])
         fc = self.fc(feats.to(self.fc.weight.dtype))
+        if mask is not None:
+            fc = fc * mask.unsqueeze(-1).to(fc.dtype)  # padding zeroed: garbage there reaches nothing
         if self.fc_norm:
-            fc = l2norm_over(fc, self.l2_axis)
+            fc = l2norm_over(fc, self.l2_axis, mask)
         g = fc
         for layer in self.gcn:
-            g = layer(g)
-        gn = l2norm_over(g, self.l2_axis)
-        _, h = self.rnn(gn)
+            g = layer(g, mask)
+        gn = l2norm_over(g, self.l2_axis, mask)
+        if mask is None:
+            _, h = self.rnn(gn)
+        else:  # each image's state after its own last region
+            _, h = self.rnn(pack_padded_sequence(gn, lens.cpu(), batch_first=True, enforce_sorted=False))
         out = h[-1]
         if self.out_bn is not None:
             out = self.out_bn(out)
-        return {"fc": fc, "gcn": g, "gcn_n": gn, "emb": l2norm(out)}
+        return {"fc": fc, "gcn": g, "gcn_n": gn, "emb": l2norm(out), "mask": mask}
 
 
 class CaptionModel(nn.Module):
@@ -119,14 +139,22 @@ class CaptionModel(nn.Module):
         self.out = nn.Linear(hidden, vocab_size)
         nn.init.xavier_normal_(self.out.weight)
 
-    def nll(self, regions, ids, lens, pad_id=0):
+    def nll(self, regions, ids, lens, pad_id=0, region_lens=None):
         """Summed masked token NLL of captions ``ids`` (``<start> ... <end>``, padded) given ``regions``.
 
         As the reference's labels/masks (``data.py``): step t reads token t and predicts token
         t+1 for t+1 <= length, so the one padding token after ``<end>`` is scored too; at most
-        ``max_len - 1`` steps.
+        ``max_len - 1`` steps. ``region_lens``: variable regions; the encoder stops at each image's last
+        region and the attention leaves the padding out.
         """
-        enc, h = self.enc_rnn(self.enc_drop(self.vid2hid(regions)))
+        x = self.enc_drop(self.vid2hid(regions))
+        if region_lens is None:
+            enc, h = self.enc_rnn(x)
+            skip = None
+        else:
+            packed, h = self.enc_rnn(pack_padded_sequence(x, region_lens.cpu(), batch_first=True, enforce_sorted=False))
+            enc = pad_packed_sequence(packed, batch_first=True, total_length=x.shape[1])[0]
+            skip = ~length_mask(region_lens, x.shape[1])
         h = h[-1]
         keys = self.att_enc(enc)  # (B, R, H), once per batch
         targets = F.pad(ids, (0, 1), value=pad_id)
@@ -134,7 +162,8 @@ class CaptionModel(nn.Module):
         steps = min(targets.shape[1] - 1, self.max_len - 1)
         total = enc.new_zeros(())
         for t in range(steps):
-            alpha = torch.softmax(self.att_v(torch.tanh(keys + self.att_hid(h)[:, None])).squeeze(-1), dim=1)
+            e = self.att_v(torch.tanh(keys + self.att_hid(h)[:, None])).squeeze(-1)
+            alpha = torch.softmax(e if skip is None else e.masked_fill(skip, torch.finfo(e.dtype).min), dim=1)
             context = (alpha.unsqueeze(-1) * enc).sum(1)
             h = self.dec_rnn(self.dec_drop(torch.cat([words[:, t], context], dim=1)), h)
             logp = F.log_softmax(self.out(h), dim=-1)
@@ -166,6 +195,7 @@ class VSRNConfig:
 
 @MODELS.register("vsrn", VSRNConfig)
 class VSRN(MatchingModel):
+    takes_region_lens = True  # variable-region data: padding masked in the GCN, the GRUs and the captioner
     def __init__(self, cfg: VSRNConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         self.cfg = cfg
@@ -183,11 +213,11 @@ class VSRN(MatchingModel):
     def caption_loss(self, regions, batch):
         if self.caption is None:
             return None
-        nll = self.caption.nll(regions, batch["text_ids"], batch["text_lens"], self.pad_id)
+        nll = self.caption.nll(regions, batch["text_ids"], batch["text_lens"], self.pad_id, batch.get("feat_lens"))
         return self.cfg.caption_weight * nll / self.cfg.caption_norm
 
     def embed(self, batch):
-        im = self.img_enc(batch["feats"])
+        im = self.img_enc(batch["feats"], batch.get("feat_lens"))
         out = {"img": im["emb"], "cap": self.embed_captions(batch)}
         aux = self.caption_loss(im["gcn_n"], batch)
         if aux is not None:
@@ -195,7 +225,7 @@ class VSRN(MatchingModel):
         return out
 
     def embed_images(self, batch):
-        return self.img_enc(batch["feats"])["emb"]
+        return self.img_enc(batch["feats"], batch.get("feat_lens"))["emb"]
 
     def embed_captions(self, batch):
         return self.txt_enc(batch["text_ids"], batch["text_lens"])

@@ -32,9 +32,10 @@ class ConceptAlignment(nn.Module):
         self.prototypes = nn.Linear(dim, prototypes, bias=False)
         self.student_temp, self.epsilon, self.iterations = student_temp, epsilon, iterations
 
-    def forward(self, regions_all, words, word_mask, offset, n_global, frozen=False):
+    def forward(self, regions_all, words, word_mask, offset, n_global, frozen=False, region_mask_all=None):
         """``regions_all`` (N, R, d): every pair's region features of the global batch; ``words`` (n, L, d)
         and ``word_mask`` (n, L, float): this rank's captions, rows ``offset:offset + n`` of it.
+        ``region_mask_all`` (N, R, bool; variable regions): the real regions, the only ones coded and matched.
         Returns the sum over this rank's pairs of the per-pair mean word loss, / ``n_global``."""
         with torch.no_grad():  # unit-length prototypes (reference: in place, before each use)
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
@@ -44,9 +45,18 @@ class ConceptAlignment(nn.Module):
         n, big_n, r, d = words.shape[0], regions_all.shape[0], regions_all.shape[1], regions_all.shape[2]
         regions = regions_all[offset:offset + n]
         with torch.no_grad():
-            codes = sinkhorn(regions_all.detach().reshape(-1, d) @ w.detach().t(), self.epsilon, self.iterations)
+            scores = regions_all.detach().reshape(-1, d) @ w.detach().t()
+            if region_mask_all is None:
+                codes = sinkhorn(scores, self.epsilon, self.iterations)
+            else:  # the equal use of the prototypes is over the real regions
+                keep = region_mask_all.reshape(-1)
+                codes = scores.new_zeros(scores.shape)
+                codes[keep] = sinkhorn(scores[keep], self.epsilon, self.iterations).to(codes.dtype)
             codes = codes.view(big_n, r, -1)[offset:offset + n]  # (n, R, K)
-            nearest = (words.detach() @ regions.detach().transpose(1, 2)).argmax(-1)  # (n, L): best region per word
+            sim = words.detach() @ regions.detach().transpose(1, 2)
+            if region_mask_all is not None:
+                sim = sim.masked_fill(~region_mask_all[offset:offset + n, None, :], float("-inf"))
+            nearest = sim.argmax(-1)  # (n, L): best region per word
             target = codes.gather(1, nearest.unsqueeze(-1).expand(-1, -1, codes.shape[-1]))  # (n, L, K)
         logp = F.log_softmax(words @ w.t() / self.student_temp, dim=-1)
         ce = -(target * logp).sum(-1)  # (n, L)
