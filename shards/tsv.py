@@ -56,6 +56,9 @@ def _index_one(path, cache_dir, progress):
             except (UnicodeDecodeError, ValueError):
                 raise DataError(f"{path}: line {lineno}: image_id {head[0][:40]!r} / num_boxes {head[3][:20]!r} "
                                 f"are not an id and an integer") from None
+            if nb < 1:
+                raise DataError(f"{path}: line {lineno}: image_id {key} has num_boxes {nb}; every image needs at "
+                                f"least one region (the region models attend over them)")
             if key in index:
                 raise DataError(f"{path}: image_id {key} appears twice (lines {index[key][4]} and {lineno})")
             b64 = len(head[5].rstrip(b"\r\n"))

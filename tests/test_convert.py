@@ -84,6 +84,10 @@ def test_tsv_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "cut.tsv").write_text(text[0] + "\n" + "\t".join(text[1].split("\t")[:4]) + "\n")
     with pytest.raises(DataError, match=r"cut\.tsv: line 2 has 4"):
         shard_tsv([tmp_path / "cut.tsv"], tmp_path / "k.json", "test", tmp_path / "o1", progress=False)
+    cols = text[1].split("\t")
+    (tmp_path / "empty.tsv").write_text(text[0] + "\n" + "\t".join(cols[:3] + ["0", "", ""] + cols[6:]) + "\n")
+    with pytest.raises(DataError, match=r"empty\.tsv: line 2: image_id 1001 has num_boxes 0"):
+        shard_tsv([tmp_path / "empty.tsv"], tmp_path / "k.json", "test", tmp_path / "o0", progress=False)
     tsv_rows(tmp_path / "other.tsv", [5, 6], [3, 3])
     with pytest.raises(DataError, match=r"2 of 2 images .* \(first: 1000; .* e\.g\. 5\)"):
         shard_tsv([tmp_path / "other.tsv"], tmp_path / "k.json", "test", tmp_path / "o2", progress=False)
