@@ -1,5 +1,6 @@
-"""Variable region counts in VSE++ (precomp pooling) and SCAN (both directions): a padded batch scores exactly as
-each image alone with only its real regions, whatever the padding holds; a few training steps on TSV shards."""
+"""Variable region counts in VSE++ (precomp pooling), SCAN (both directions), TERAN and TGDT: a padded batch scores
+exactly as each image alone with only its real regions, whatever the padding holds; a few training steps on TSV
+shards."""
 import math
 
 import pytest
@@ -20,9 +21,8 @@ LENS = torch.tensor([3, 7, 1, 5, 7, 2])  # real regions per image; the batch is 
 DIM = 12
 
 
-def _model(recipe, *overrides):
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
-                    ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1", *overrides])
+def _model(recipe, *overrides, text=("model.text.word_dim=8", "model.text.min_count=1")):
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", *text, *overrides])
     tok = make_tokenizer(r, captions=CAPS)
     torch.manual_seed(0)
     model = build_model(r, DIM, tok).eval()
@@ -169,6 +169,124 @@ def test_scan_alignment_covers_the_real_regions_only():
         ref = model.alignment(model.embed_images({"feats": real[1][None]}), {k: v[:1] for k, v in cap.items()})
     assert a["weights"].shape == (int(cap["lens"][0]), 7)
     torch.testing.assert_close(a["weights"], ref["weights"], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- TERAN and TGDT (region transformers)
+
+TRANSFORMER = ["model.heads=2", "model.ff_dim=32", "model.dropout=0.1"]
+TERAN = [*TRANSFORMER, "model.image_layers=1", "model.layers=1", "model.text_layers=0", "model.text.freeze=false"]
+TGDT = [*TRANSFORMER, "model.text.word_dim=8", "model.text.min_count=1"]
+
+
+def _tf(name, bert, *over):
+    """TERAN (a tiny BERT) or TGDT (a word GRU), in eval mode, biases perturbed."""
+    if name == "teran":
+        return _model("teran.yaml", *TERAN, *over, text=(f"model.text.path={bert}",))
+    return _model("tgdt.yaml", *TGDT, *over, text=())
+
+
+def _images(garbage=0.0):
+    """The padded batch (features and boxes, ``garbage`` past each count) and each image alone."""
+    feats, real = _padded(garbage)
+    g = torch.Generator().manual_seed(2)
+    xy = [torch.rand(int(n), 2, generator=g) * 0.5 for n in LENS]
+    boxes = [torch.cat([p, p + 0.1 + 0.4 * torch.rand(p.shape, generator=g)], -1) for p in xy]
+    padded = torch.full((len(LENS), int(LENS.max()), 4), garbage)
+    for b, r in zip(padded, boxes):
+        b[:len(r)] = r
+    return {"feats": feats, "boxes": padded, "feat_lens": LENS}, [{"feats": f[None], "boxes": b[None]}
+                                                                  for f, b in zip(real, boxes)]
+
+
+def _regions_of(name, img):
+    return img["regions"] if name == "tgdt" or isinstance(img, dict) else img
+
+
+TF_CASES = [("teran", []), ("teran", ["model.score_budget=300"]),  # one call; image sub-chunks x caption groups
+            ("teran", ["model.pos_encoding=none", "model.shared_transformer=true", "model.drop_last_word=true"]),
+            ("tgdt", []), ("tgdt", ["model.test_mode=local", "budget"]),
+            ("tgdt", ["model.test_mode=global", "model.global_layers=0", "model.box_encoding=false"])]
+
+
+@pytest.mark.parametrize("name,over", TF_CASES)
+def test_region_transformers_score_variable_regions_as_each_image_alone(name, over, tiny_bert, monkeypatch):
+    """The padding is masked in the region transformers (so the other regions' and the global token's outputs do
+    not see it) and in the max over the regions of the local score."""
+    if "budget" in over:  # TGDT's local scores in sub-chunks
+        monkeypatch.setattr("itr.models.tgdt.LOCAL_BUDGET", 300)
+        over = [o for o in over if o != "budget"]
+    model, tok = _tf(name, tiny_bert, *over)
+    batch, alone = _images()
+    with torch.no_grad():
+        cap = model.embed_captions(_captions(tok))
+        img = model.embed_images(batch)
+        assert set(img) >= {"regions", "lens"} and torch.equal(img["lens"], LENS)
+        assert not img["regions"][0, 3:].any() and img["regions"][0, :3].abs().sum(-1).gt(0).all()
+        got = model.score(img, cap)
+        singles = [model.embed_images(a) for a in alone]
+        torch.testing.assert_close(got, torch.cat([model.score(s, cap) for s in singles]), atol=1e-5, rtol=0)
+        if name == "tgdt":  # the global token: the transformers mask the padding
+            torch.testing.assert_close(img["glob"], torch.cat([s["glob"] for s in singles]), atol=1e-6, rtol=0)
+        # garbage in the features' and boxes' padding, and in the embeddings' (the scores mask it themselves)
+        assert torch.equal(model.score(model.embed_images(_images(1e6)[0]), cap), got)
+        dirty = img["regions"].clone()
+        dirty[torch.arange(dirty.shape[1])[None] >= LENS[:, None]] = 1e3
+        torch.testing.assert_close(model.score({**img, "regions": dirty}, cap), got, atol=1e-5, rtol=0)
+        counted = model.score(model.embed_images({k: v for k, v in batch.items() if k != "feat_lens"}), cap)
+        assert not torch.allclose(counted, got, atol=1e-4)  # without the counts the padding would count
+
+
+def _tgdt_reference_loss(model, batch, alone, ids):
+    """TGDT's loss from each image embedded alone: the global hinge + consistency, and the local hinge."""
+    c = model.cfg
+    cap = model.embed_captions(batch)
+    singles = [model.embed_images(a) for a in alone]
+    g = torch.cat([model.global_score(s, cap) for s in singles])
+    loc = torch.cat([model.local_score(s, cap) for s in singles])
+    glob = torch.cat([s["glob"] for s in singles])
+    return (c.global_weight * (hinge_from_scores(g, g.t(), ids, ids) + c.consistency_weight
+                               * model.consistency(glob, cap["glob"]))
+            + c.local_weight * hinge_from_scores(loc, loc.t(), ids, ids))
+
+
+@pytest.mark.parametrize("name", ["teran", "tgdt"])
+def test_region_transformers_batch_loss_is_the_hinge_on_each_images_own_scores(name, tiny_bert):
+    model, tok = _tf(name, tiny_bert, "loss.warmup_epochs=0")
+    batch, alone = _images(1e6)
+    batch = {**batch, "img_ids": torch.arange(6), **_captions(tok)}
+    emb = model.embed(batch)
+    assert not emb["img_lens"].is_floating_point()
+    loss = model.batch_loss(loss_inputs(emb), batch["img_ids"], 0)
+    with torch.no_grad():
+        if name == "teran":
+            cap = model.embed_captions(batch)
+            s = torch.cat([model.score(model.embed_images(a), cap) for a in alone])
+            ref = hinge_from_scores(s, s.t(), batch["img_ids"], batch["img_ids"])
+        else:
+            ref = _tgdt_reference_loss(model, batch, alone, batch["img_ids"])
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    loss.backward()
+    grad = model.img_proj.weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["teran_regions", "tgdt_regions"])
+def test_region_transformers_accumulate_micro_batches_of_variable_regions(name, tiny_bert):
+    ref = assert_split_steps_equal(name, [(1, 2), (1, 4)], bert=tiny_bert)  # micro-batches padded to 4, 3 / 4, 3, 3, 2
+    assert ref["loss"] > 0 and any(k.endswith("img_proj.weight") for k in ref["grads"])
+
+
+@pytest.mark.parametrize("name", ["teran", "tgdt"])
+def test_region_transformers_alignment_covers_the_real_regions_only(name, tiny_bert):
+    model, tok = _tf(name, tiny_bert)
+    batch, alone = _images(1e6)
+    with torch.no_grad():
+        img = model.embed_images(batch)
+        cap = {k: v[:1] for k, v in model.embed_captions(_captions(tok)).items()}
+        a = model.alignment({k: v[:1] for k, v in img.items()}, cap)  # image 0: 3 of the 7 regions
+        ref = model.alignment(model.embed_images(alone[0]), cap)
+    assert a["weights"].shape == (int(cap["lens"][0]), 3)
+    torch.testing.assert_close(a["weights"], ref["weights"], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- training steps on TSV shards
