@@ -297,17 +297,20 @@ def tsv_train(tmp_path_factory):
     return _tsv_shards(tmp_path_factory.mktemp("tsv"), splits=(("train", 40),))
 
 
-@pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", []), ("scan_t2i.yaml", ["model.direction=t2i"]),
-                                         ("scan_t2i.yaml", ["model.direction=i2t"])])
-def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
+WORDS = ["model.text.word_dim=8", "model.text.min_count=1"]
+
+
+@pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", WORDS), ("scan_t2i.yaml", [*WORDS, "model.direction=t2i"]),
+                                         ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"]),
+                                         ("teran.yaml", [*TERAN, "model.text.path=BERT"]), ("tgdt.yaml", TGDT)])
+def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over, tiny_bert):
     from itr.data.loader import TrainLoader
     from itr.data.manifest import load_manifest
 
     out = tsv_train
     m = load_manifest(out, "train")
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
-                    ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1",
-                     "loss.warmup_epochs=0", *over])
+    over = [o.replace("=BERT", f"={tiny_bert}") for o in over]
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", "loss.warmup_epochs=0", *over])
     tok = make_tokenizer(r, captions=(out / "train.captions.txt").read_text().splitlines())
     torch.manual_seed(0)
     model = build_model(r, m["feature_shape"][1], tok)
