@@ -150,12 +150,12 @@ def test_accumulation_over_micro_batches_of_variable_regions_gives_the_whole_bat
 
 
 @pytest.mark.slow
-def test_ranks_of_variable_regions_give_the_whole_batch_step():
+def test_ranks_of_variable_regions_give_the_whole_batch_step(tiny_bert):
     """Ranks gather images padded to different region counts with their counts (one launch for all)."""
     runs = [("scan_i2t_regions", 1, {}), ("scan_i2t_regions", 2, {}), ("scan_t2i_regions", 1, {}),
-            ("vsepp_regions", 2, {})]
-    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs])
-    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs)):
+            ("vsepp_regions", 2, {}), ("teran_regions", 1, {}), ("tgdt_regions", 2, {})]
+    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs], bert=tiny_bert)
+    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs, bert=tiny_bert)):
         assert_same_step(got, ref, f"{name}, 2 ranks x {accum} micro-batches")
 
 
@@ -332,25 +332,32 @@ def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, o
     assert not torch.equal(before, next(model.parameters()).detach())
 
 
+E2E = {"scan": ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"], "SCAN i2t attention"),
+       "teran": ("teran.yaml", [*TERAN, "model.text.path=BERT"], "TERAN region-word alignment"),
+       "tgdt": ("tgdt.yaml", TGDT, "TGDT local alignment")}
+
+
 @pytest.mark.slow
-def test_scan_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(tmp_path):
-    """The evaluation path carries SCAN's {"regions", "lens"} image embeddings through the tiles, and the report
-    draws the attention over each image's own boxes."""
+@pytest.mark.parametrize("name", list(E2E))
+def test_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(name, tmp_path, tiny_bert):
+    """The evaluation path carries the {"regions", "lens"} image embeddings through the tiles, and the report
+    draws the attention / alignment over each image's own boxes."""
     from itr.data.manifest import load_manifest
     from itr.eval.job import run_eval
     from itr.train import train
 
+    recipe, over, kind = E2E[name]
     out = _tsv_shards(tmp_path)
     assert load_manifest(out, "test")["variable_regions"]
     o = {"data.root": out, "data.num_workers": 0, "data.shuffle_buffer": 50, "train.batch_size": 20,
          "train.epochs": 1, "train.log_every": 2, "tracking.enabled": "false", "model.embed_dim": 16,
-         "model.text.word_dim": 8, "model.text.min_count": 1, "eval.batch_size": 16, "optim.lr": 2e-3,
-         "model.direction": "i2t", "eval.chunk_size": 8}
-    res = train(load_recipe(ROOT / "recipes" / "synthetic" / "scan_t2i.yaml", [f"{k}={v}" for k, v in o.items()]),
+         "eval.batch_size": 16, "optim.lr": 2e-3, "eval.chunk_size": 8}
+    over = [o.replace("=BERT", f"={tiny_bert}") for o in over]
+    res = train(load_recipe(ROOT / "recipes" / "synthetic" / recipe, [f"{k}={v}" for k, v in o.items()] + over),
                 tmp_path / "run")
     assert math.isfinite(res["test"]["rsum"]) and res["test"]["rsum"] > 0
     again = run_eval(tmp_path / "run" / "best", out, "test", protocol="1k", chunk_size=8, report=tmp_path / "rep")
     assert again == pytest.approx(res["test"])
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "SCAN i2t attention" in page
+    assert kind in page
     assert page.count("with its ground truth") == 10  # every text query's own image, whatever its region count
