@@ -1,6 +1,6 @@
-"""Variable region counts in VSE++ (precomp pooling), SCAN (both directions), TERAN and TGDT: a padded batch scores
-exactly as each image alone with only its real regions, whatever the padding holds; a few training steps on TSV
-shards."""
+"""Variable region counts in VSE++ (precomp pooling), SCAN (both directions), TERAN, TGDT and DIME: a padded batch
+scores exactly as each image alone with only its real regions, whatever the padding holds; a few training steps on
+TSV shards."""
 import math
 
 import pytest
@@ -289,6 +289,67 @@ def test_region_transformers_alignment_covers_the_real_regions_only(name, tiny_b
     torch.testing.assert_close(a["weights"], ref["weights"], atol=1e-5, rtol=0)
 
 
+# ----------------------------------------------------------------------------- DIME
+
+DIME = ["model.heads=2", "model.hid_imrc=16", "model.hid_router=16", "model.path_hid=8"]
+
+
+def _dime(bert, direction, *over):
+    return _model("dime_t2i.yaml", *DIME, f"model.direction={direction}", *over, text=(f"model.text.path={bert}",))
+
+
+def _interact(model, img, cap, rlens=None):
+    return model.interact(img["img"], img["rgn"], cap["stc"], cap["wrd"], cap["lens"], rlens)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])  # the regions interact / the regions are attended to
+def test_dime_scores_variable_regions_as_each_image_alone(direction, tiny_bert):
+    model, tok = _dime(tiny_bert, direction)
+    feats, real = _padded()
+    with torch.no_grad():
+        cap = model.embed_captions(_captions(tok))
+        img = model.embed_images({"feats": feats, "feat_lens": LENS})
+        assert torch.equal(img["lens"], LENS) and not img["rgn"][0, 3:].any()
+        got, paths = _interact(model, img, cap, LENS)
+        singles = [model.embed_images({"feats": r[None]}) for r in real]
+        torch.testing.assert_close(img["img"], torch.cat([s["img"] for s in singles]), atol=1e-6, rtol=0)
+        alone = [_interact(model, s, cap) for s in singles]
+        torch.testing.assert_close(got, torch.cat([a[0] for a in alone]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(paths, torch.cat([a[1] for a in alone]), atol=1e-5, rtol=0)
+        assert torch.equal(model.score(img, cap), got)
+        assert torch.equal(model.score(model.embed_images({"feats": _padded(1e6)[0], "feat_lens": LENS}), cap), got)
+        dirty = img["rgn"].clone()
+        dirty[torch.arange(dirty.shape[1])[None] >= LENS[:, None]] = 1e3
+        torch.testing.assert_close(model.score({**img, "rgn": dirty}, cap), got, atol=1e-5, rtol=0)
+        assert not torch.allclose(model.score(model.embed_images({"feats": feats}), cap), got, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_dime_batch_loss_with_variable_regions_is_that_of_each_images_own_scores_and_paths(direction, tiny_bert):
+    """The hinge on each image's own scores plus the path regularizer on each image's own path probabilities."""
+    model, tok = _dime(tiny_bert, direction, "loss.warmup_epochs=0")
+    feats, real = _padded()
+    batch = {"feats": _padded(1e6)[0], "feat_lens": LENS, "img_ids": torch.arange(6), **_captions(tok)}
+    emb = model.embed(batch)
+    assert not emb["img_lens"].is_floating_point()
+    loss = model.batch_loss(loss_inputs(emb), batch["img_ids"], 0)
+    with torch.no_grad():
+        cap = model.embed_captions(batch)
+        alone = [_interact(model, model.embed_images({"feats": r[None]}), cap) for r in real]
+        s, paths = torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])
+        vec = model.path_vectors(paths, 0 if direction == "t2i" else 1)
+        reg = ((vec @ vec.t() - emb["bert"] @ emb["bert"].t()) ** 2).sum() / 6
+        ref = hinge_from_scores(s, s.t(), batch["img_ids"], batch["img_ids"]) + model.cfg.trade_off * reg
+    assert reg > 0 and loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(model.img_fc.weight.grad).all() and model.img_fc.weight.grad.abs().sum() > 0
+
+
+def test_dime_accumulates_micro_batches_of_variable_regions(tiny_bert):
+    ref = assert_split_steps_equal("dime_i2t_regions", [(1, 2), (1, 4)], bert=tiny_bert)
+    assert ref["loss"] > 0 and "img_fc.weight" in ref["grads"]
+
+
 # ----------------------------------------------------------------------------- training steps on TSV shards
 
 
@@ -302,7 +363,9 @@ WORDS = ["model.text.word_dim=8", "model.text.min_count=1"]
 
 @pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", WORDS), ("scan_t2i.yaml", [*WORDS, "model.direction=t2i"]),
                                          ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"]),
-                                         ("teran.yaml", [*TERAN, "model.text.path=BERT"]), ("tgdt.yaml", TGDT)])
+                                         ("teran.yaml", [*TERAN, "model.text.path=BERT"]), ("tgdt.yaml", TGDT),
+                                         ("dime_t2i.yaml", [*DIME, "model.text.path=BERT"]),
+                                         ("dime_t2i.yaml", [*DIME, "model.text.path=BERT", "model.direction=i2t"])])
 def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over, tiny_bert):
     from itr.data.loader import TrainLoader
     from itr.data.manifest import load_manifest
@@ -334,13 +397,14 @@ def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, o
 
 E2E = {"scan": ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"], "SCAN i2t attention"),
        "teran": ("teran.yaml", [*TERAN, "model.text.path=BERT"], "TERAN region-word alignment"),
-       "tgdt": ("tgdt.yaml", TGDT, "TGDT local alignment")}
+       "tgdt": ("tgdt.yaml", TGDT, "TGDT local alignment"),
+       "dime": ("dime_t2i.yaml", [*DIME, "model.text.path=BERT"], None)}  # no alignment figures
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(E2E))
 def test_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(name, tmp_path, tiny_bert):
-    """The evaluation path carries the {"regions", "lens"} image embeddings through the tiles, and the report
+    """The evaluation path carries the image embeddings and their region counts through the tiles, and the report
     draws the attention / alignment over each image's own boxes."""
     from itr.data.manifest import load_manifest
     from itr.eval.job import run_eval
@@ -359,5 +423,6 @@ def test_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(name, 
     again = run_eval(tmp_path / "run" / "best", out, "test", protocol="1k", chunk_size=8, report=tmp_path / "rep")
     assert again == pytest.approx(res["test"])
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert kind in page
-    assert page.count("with its ground truth") == 10  # every text query's own image, whatever its region count
+    if kind is not None:  # DIME draws no alignment
+        assert kind in page
+        assert page.count("with its ground truth") == 10  # every text query's own image, whatever its region count

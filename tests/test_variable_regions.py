@@ -86,11 +86,12 @@ def test_models_that_would_count_padding_refuse_variable_regions():
 
 
 WORDS = ["model.text.word_dim=4", "model.text.min_count=1"]
+BERT = ["model.text.path=BERT", "model.heads=1"]
 
 
 @pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", WORDS), ("scan_t2i.yaml", WORDS),
                                          ("tgdt.yaml", [*WORDS, "model.heads=1"]),
-                                         ("teran.yaml", ["model.text.path=BERT", "model.heads=1", "model.text_layers=0"])])
+                                         ("teran.yaml", [*BERT, "model.text_layers=0"]), ("dime_t2i.yaml", BERT)])
 def test_models_that_mask_the_padding_take_variable_regions(recipe, over, tiny_bert):
     from itr.models import build_model, make_tokenizer
 

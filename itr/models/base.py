@@ -63,8 +63,8 @@ def check_region_lens(model, batch):
 
         raise ConfigError(f"model {type(model).__name__} treats every region as real, but this data has a variable "
                           f"number of regions per image (zero padded: manifest variable_regions); use a model that "
-                          f"takes region counts (vsepp, vse_infty, hrem, scan, teran, tgdt), or shard features "
-                          f"with a fixed region count")
+                          f"takes region counts (vsepp, vse_infty, hrem, scan, teran, tgdt, dime), or shard "
+                          f"features with a fixed region count")
 
 
 class MatchingModel(nn.Module):

@@ -120,6 +120,8 @@ MODELS = {
     "tgdt_regions": {"recipe": "recipes/synthetic/tgdt.yaml", "over": TGDT, "regions": REGIONS},
     # i2t: no per-micro-batch BatchNorm on the image side; the frozen text model's dropout off
     "dime_i2t": {"recipe": "recipes/synthetic/dime_t2i.yaml", "over": DIME, "bert": True, "eval": ["txt_enc"]},
+    "dime_i2t_regions": {"recipe": "recipes/synthetic/dime_t2i.yaml", "over": DIME, "bert": True, "eval": ["txt_enc"],
+                         "regions": REGIONS},
 }
 
 
