@@ -154,6 +154,7 @@ def test_ranks_of_variable_regions_give_the_whole_batch_step(tiny_bert):
     """Ranks gather images padded to different region counts with their counts (one launch for all)."""
     runs = [("scan_i2t_regions", 1, {}), ("scan_i2t_regions", 2, {}), ("scan_t2i_regions", 1, {}),
             ("vsepp_regions", 2, {}), ("teran_regions", 1, {}), ("tgdt_regions", 2, {})]
+    # (not DIME: its score BatchNorm sees each rank's own pairs in training, by design; micro-batches are tested)
     refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs], bert=tiny_bert)
     for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs, bert=tiny_bert)):
         assert_same_step(got, ref, f"{name}, 2 ranks x {accum} micro-batches")
