@@ -1,5 +1,6 @@
-"""Variable region counts in VSE++ (precomp pooling) and SCAN (both directions): a padded batch scores exactly as
-each image alone with only its real regions, whatever the padding holds; a few training steps on TSV shards."""
+"""Variable region counts in VSE++ (precomp pooling), SCAN (both directions), TERAN, TGDT and DIME: a padded batch
+scores exactly as each image alone with only its real regions, whatever the padding holds; a few training steps on
+TSV shards."""
 import math
 
 import pytest
@@ -20,9 +21,8 @@ LENS = torch.tensor([3, 7, 1, 5, 7, 2])  # real regions per image; the batch is 
 DIM = 12
 
 
-def _model(recipe, *overrides):
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
-                    ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1", *overrides])
+def _model(recipe, *overrides, text=("model.text.word_dim=8", "model.text.min_count=1")):
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", *text, *overrides])
     tok = make_tokenizer(r, captions=CAPS)
     torch.manual_seed(0)
     model = build_model(r, DIM, tok).eval()
@@ -150,12 +150,13 @@ def test_accumulation_over_micro_batches_of_variable_regions_gives_the_whole_bat
 
 
 @pytest.mark.slow
-def test_ranks_of_variable_regions_give_the_whole_batch_step():
+def test_ranks_of_variable_regions_give_the_whole_batch_step(tiny_bert):
     """Ranks gather images padded to different region counts with their counts (one launch for all)."""
     runs = [("scan_i2t_regions", 1, {}), ("scan_i2t_regions", 2, {}), ("scan_t2i_regions", 1, {}),
-            ("vsepp_regions", 2, {})]
-    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs])
-    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs)):
+            ("vsepp_regions", 2, {}), ("teran_regions", 1, {}), ("tgdt_regions", 2, {})]
+    # (not DIME: its score BatchNorm sees each rank's own pairs in training, by design; micro-batches are tested)
+    refs = launch_steps(1, *[(name, 1, {}) for name, _, _ in runs], bert=tiny_bert)
+    for (name, accum, _), ref, got in zip(runs, refs, launch_steps(2, *runs, bert=tiny_bert)):
         assert_same_step(got, ref, f"{name}, 2 ranks x {accum} micro-batches")
 
 
@@ -171,6 +172,185 @@ def test_scan_alignment_covers_the_real_regions_only():
     torch.testing.assert_close(a["weights"], ref["weights"], atol=1e-6, rtol=0)
 
 
+# ----------------------------------------------------------------------------- TERAN and TGDT (region transformers)
+
+TRANSFORMER = ["model.heads=2", "model.ff_dim=32", "model.dropout=0.1"]
+TERAN = [*TRANSFORMER, "model.image_layers=1", "model.layers=1", "model.text_layers=0", "model.text.freeze=false"]
+TGDT = [*TRANSFORMER, "model.text.word_dim=8", "model.text.min_count=1"]
+
+
+def _tf(name, bert, *over):
+    """TERAN (a tiny BERT) or TGDT (a word GRU), in eval mode, biases perturbed."""
+    if name == "teran":
+        return _model("teran.yaml", *TERAN, *over, text=(f"model.text.path={bert}",))
+    return _model("tgdt.yaml", *TGDT, *over, text=())
+
+
+def _images(garbage=0.0):
+    """The padded batch (features and boxes, ``garbage`` past each count) and each image alone."""
+    feats, real = _padded(garbage)
+    g = torch.Generator().manual_seed(2)
+    xy = [torch.rand(int(n), 2, generator=g) * 0.5 for n in LENS]
+    boxes = [torch.cat([p, p + 0.1 + 0.4 * torch.rand(p.shape, generator=g)], -1) for p in xy]
+    padded = torch.full((len(LENS), int(LENS.max()), 4), garbage)
+    for b, r in zip(padded, boxes):
+        b[:len(r)] = r
+    return {"feats": feats, "boxes": padded, "feat_lens": LENS}, [{"feats": f[None], "boxes": b[None]}
+                                                                  for f, b in zip(real, boxes)]
+
+
+def _regions_of(name, img):
+    return img["regions"] if name == "tgdt" or isinstance(img, dict) else img
+
+
+TF_CASES = [("teran", []), ("teran", ["model.score_budget=300"]),  # one call; image sub-chunks x caption groups
+            ("teran", ["model.pos_encoding=none", "model.shared_transformer=true", "model.drop_last_word=true"]),
+            ("tgdt", []), ("tgdt", ["model.test_mode=local", "budget"]),
+            ("tgdt", ["model.test_mode=global", "model.global_layers=0", "model.box_encoding=false"])]
+
+
+@pytest.mark.parametrize("name,over", TF_CASES)
+def test_region_transformers_score_variable_regions_as_each_image_alone(name, over, tiny_bert, monkeypatch):
+    """The padding is masked in the region transformers (so the other regions' and the global token's outputs do
+    not see it) and in the max over the regions of the local score."""
+    if "budget" in over:  # TGDT's local scores in sub-chunks
+        monkeypatch.setattr("itr.models.tgdt.LOCAL_BUDGET", 300)
+        over = [o for o in over if o != "budget"]
+    model, tok = _tf(name, tiny_bert, *over)
+    batch, alone = _images()
+    with torch.no_grad():
+        cap = model.embed_captions(_captions(tok))
+        img = model.embed_images(batch)
+        assert set(img) >= {"regions", "lens"} and torch.equal(img["lens"], LENS)
+        assert not img["regions"][0, 3:].any() and img["regions"][0, :3].abs().sum(-1).gt(0).all()
+        got = model.score(img, cap)
+        singles = [model.embed_images(a) for a in alone]
+        torch.testing.assert_close(got, torch.cat([model.score(s, cap) for s in singles]), atol=1e-5, rtol=0)
+        if name == "tgdt":  # the global token: the transformers mask the padding
+            torch.testing.assert_close(img["glob"], torch.cat([s["glob"] for s in singles]), atol=1e-6, rtol=0)
+        # garbage in the features' and boxes' padding, and in the embeddings' (the scores mask it themselves)
+        assert torch.equal(model.score(model.embed_images(_images(1e6)[0]), cap), got)
+        dirty = img["regions"].clone()
+        dirty[torch.arange(dirty.shape[1])[None] >= LENS[:, None]] = 1e3
+        torch.testing.assert_close(model.score({**img, "regions": dirty}, cap), got, atol=1e-5, rtol=0)
+        counted = model.score(model.embed_images({k: v for k, v in batch.items() if k != "feat_lens"}), cap)
+        assert not torch.allclose(counted, got, atol=1e-4)  # without the counts the padding would count
+
+
+def _tgdt_reference_loss(model, batch, alone, ids):
+    """TGDT's loss from each image embedded alone: the global hinge + consistency, and the local hinge."""
+    c = model.cfg
+    cap = model.embed_captions(batch)
+    singles = [model.embed_images(a) for a in alone]
+    g = torch.cat([model.global_score(s, cap) for s in singles])
+    loc = torch.cat([model.local_score(s, cap) for s in singles])
+    glob = torch.cat([s["glob"] for s in singles])
+    return (c.global_weight * (hinge_from_scores(g, g.t(), ids, ids) + c.consistency_weight
+                               * model.consistency(glob, cap["glob"]))
+            + c.local_weight * hinge_from_scores(loc, loc.t(), ids, ids))
+
+
+@pytest.mark.parametrize("name", ["teran", "tgdt"])
+def test_region_transformers_batch_loss_is_the_hinge_on_each_images_own_scores(name, tiny_bert):
+    model, tok = _tf(name, tiny_bert, "loss.warmup_epochs=0")
+    batch, alone = _images(1e6)
+    batch = {**batch, "img_ids": torch.arange(6), **_captions(tok)}
+    emb = model.embed(batch)
+    assert not emb["img_lens"].is_floating_point()
+    loss = model.batch_loss(loss_inputs(emb), batch["img_ids"], 0)
+    with torch.no_grad():
+        if name == "teran":
+            cap = model.embed_captions(batch)
+            s = torch.cat([model.score(model.embed_images(a), cap) for a in alone])
+            ref = hinge_from_scores(s, s.t(), batch["img_ids"], batch["img_ids"])
+        else:
+            ref = _tgdt_reference_loss(model, batch, alone, batch["img_ids"])
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    loss.backward()
+    grad = model.img_proj.weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["teran_regions", "tgdt_regions"])
+def test_region_transformers_accumulate_micro_batches_of_variable_regions(name, tiny_bert):
+    ref = assert_split_steps_equal(name, [(1, 2), (1, 4)], bert=tiny_bert)  # micro-batches padded to 4, 3 / 4, 3, 3, 2
+    assert ref["loss"] > 0 and any(k.endswith("img_proj.weight") for k in ref["grads"])
+
+
+@pytest.mark.parametrize("name", ["teran", "tgdt"])
+def test_region_transformers_alignment_covers_the_real_regions_only(name, tiny_bert):
+    model, tok = _tf(name, tiny_bert)
+    batch, alone = _images(1e6)
+    with torch.no_grad():
+        img = model.embed_images(batch)
+        cap = {k: v[:1] for k, v in model.embed_captions(_captions(tok)).items()}
+        a = model.alignment({k: v[:1] for k, v in img.items()}, cap)  # image 0: 3 of the 7 regions
+        ref = model.alignment(model.embed_images(alone[0]), cap)
+    assert a["weights"].shape == (int(cap["lens"][0]), 3)
+    torch.testing.assert_close(a["weights"], ref["weights"], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- DIME
+
+DIME = ["model.heads=2", "model.hid_imrc=16", "model.hid_router=16", "model.path_hid=8"]
+
+
+def _dime(bert, direction, *over):
+    return _model("dime_t2i.yaml", *DIME, f"model.direction={direction}", *over, text=(f"model.text.path={bert}",))
+
+
+def _interact(model, img, cap, rlens=None):
+    return model.interact(img["img"], img["rgn"], cap["stc"], cap["wrd"], cap["lens"], rlens)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])  # the regions interact / the regions are attended to
+def test_dime_scores_variable_regions_as_each_image_alone(direction, tiny_bert):
+    model, tok = _dime(tiny_bert, direction)
+    feats, real = _padded()
+    with torch.no_grad():
+        cap = model.embed_captions(_captions(tok))
+        img = model.embed_images({"feats": feats, "feat_lens": LENS})
+        assert torch.equal(img["lens"], LENS) and not img["rgn"][0, 3:].any()
+        got, paths = _interact(model, img, cap, LENS)
+        singles = [model.embed_images({"feats": r[None]}) for r in real]
+        torch.testing.assert_close(img["img"], torch.cat([s["img"] for s in singles]), atol=1e-6, rtol=0)
+        alone = [_interact(model, s, cap) for s in singles]
+        torch.testing.assert_close(got, torch.cat([a[0] for a in alone]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(paths, torch.cat([a[1] for a in alone]), atol=1e-5, rtol=0)
+        assert torch.equal(model.score(img, cap), got)
+        assert torch.equal(model.score(model.embed_images({"feats": _padded(1e6)[0], "feat_lens": LENS}), cap), got)
+        dirty = img["rgn"].clone()
+        dirty[torch.arange(dirty.shape[1])[None] >= LENS[:, None]] = 1e3
+        torch.testing.assert_close(model.score({**img, "rgn": dirty}, cap), got, atol=1e-5, rtol=0)
+        assert not torch.allclose(model.score(model.embed_images({"feats": feats}), cap), got, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_dime_batch_loss_with_variable_regions_is_that_of_each_images_own_scores_and_paths(direction, tiny_bert):
+    """The hinge on each image's own scores plus the path regularizer on each image's own path probabilities."""
+    model, tok = _dime(tiny_bert, direction, "loss.warmup_epochs=0")
+    feats, real = _padded()
+    batch = {"feats": _padded(1e6)[0], "feat_lens": LENS, "img_ids": torch.arange(6), **_captions(tok)}
+    emb = model.embed(batch)
+    assert not emb["img_lens"].is_floating_point()
+    loss = model.batch_loss(loss_inputs(emb), batch["img_ids"], 0)
+    with torch.no_grad():
+        cap = model.embed_captions(batch)
+        alone = [_interact(model, model.embed_images({"feats": r[None]}), cap) for r in real]
+        s, paths = torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone])
+        vec = model.path_vectors(paths, 0 if direction == "t2i" else 1)
+        reg = ((vec @ vec.t() - emb["bert"] @ emb["bert"].t()) ** 2).sum() / 6
+        ref = hinge_from_scores(s, s.t(), batch["img_ids"], batch["img_ids"]) + model.cfg.trade_off * reg
+    assert reg > 0 and loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(model.img_fc.weight.grad).all() and model.img_fc.weight.grad.abs().sum() > 0
+
+
+def test_dime_accumulates_micro_batches_of_variable_regions(tiny_bert):
+    ref = assert_split_steps_equal("dime_i2t_regions", [(1, 2), (1, 4)], bert=tiny_bert)
+    assert ref["loss"] > 0 and "img_fc.weight" in ref["grads"]
+
+
 # ----------------------------------------------------------------------------- training steps on TSV shards
 
 
@@ -179,17 +359,22 @@ def tsv_train(tmp_path_factory):
     return _tsv_shards(tmp_path_factory.mktemp("tsv"), splits=(("train", 40),))
 
 
-@pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", []), ("scan_t2i.yaml", ["model.direction=t2i"]),
-                                         ("scan_t2i.yaml", ["model.direction=i2t"])])
-def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
+WORDS = ["model.text.word_dim=8", "model.text.min_count=1"]
+
+
+@pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", WORDS), ("scan_t2i.yaml", [*WORDS, "model.direction=t2i"]),
+                                         ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"]),
+                                         ("teran.yaml", [*TERAN, "model.text.path=BERT"]), ("tgdt.yaml", TGDT),
+                                         ("dime_t2i.yaml", [*DIME, "model.text.path=BERT"]),
+                                         ("dime_t2i.yaml", [*DIME, "model.text.path=BERT", "model.direction=i2t"])])
+def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over, tiny_bert):
     from itr.data.loader import TrainLoader
     from itr.data.manifest import load_manifest
 
     out = tsv_train
     m = load_manifest(out, "train")
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
-                    ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1",
-                     "loss.warmup_epochs=0", *over])
+    over = [o.replace("=BERT", f"={tiny_bert}") for o in over]
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", "loss.warmup_epochs=0", *over])
     tok = make_tokenizer(r, captions=(out / "train.captions.txt").read_text().splitlines())
     torch.manual_seed(0)
     model = build_model(r, m["feature_shape"][1], tok)
@@ -211,25 +396,34 @@ def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, o
     assert not torch.equal(before, next(model.parameters()).detach())
 
 
+E2E = {"scan": ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"], "SCAN i2t attention"),
+       "teran": ("teran.yaml", [*TERAN, "model.text.path=BERT"], "TERAN region-word alignment"),
+       "tgdt": ("tgdt.yaml", TGDT, "TGDT local alignment"),
+       "dime": ("dime_t2i.yaml", [*DIME, "model.text.path=BERT"], None)}  # no alignment figures
+
+
 @pytest.mark.slow
-def test_scan_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(tmp_path):
-    """The evaluation path carries SCAN's {"regions", "lens"} image embeddings through the tiles, and the report
-    draws the attention over each image's own boxes."""
+@pytest.mark.parametrize("name", list(E2E))
+def test_trains_evaluates_and_reports_on_tsv_shards_with_variable_regions(name, tmp_path, tiny_bert):
+    """The evaluation path carries the image embeddings and their region counts through the tiles, and the report
+    draws the attention / alignment over each image's own boxes."""
     from itr.data.manifest import load_manifest
     from itr.eval.job import run_eval
     from itr.train import train
 
+    recipe, over, kind = E2E[name]
     out = _tsv_shards(tmp_path)
     assert load_manifest(out, "test")["variable_regions"]
     o = {"data.root": out, "data.num_workers": 0, "data.shuffle_buffer": 50, "train.batch_size": 20,
          "train.epochs": 1, "train.log_every": 2, "tracking.enabled": "false", "model.embed_dim": 16,
-         "model.text.word_dim": 8, "model.text.min_count": 1, "eval.batch_size": 16, "optim.lr": 2e-3,
-         "model.direction": "i2t", "eval.chunk_size": 8}
-    res = train(load_recipe(ROOT / "recipes" / "synthetic" / "scan_t2i.yaml", [f"{k}={v}" for k, v in o.items()]),
+         "eval.batch_size": 16, "optim.lr": 2e-3, "eval.chunk_size": 8}
+    over = [o.replace("=BERT", f"={tiny_bert}") for o in over]
+    res = train(load_recipe(ROOT / "recipes" / "synthetic" / recipe, [f"{k}={v}" for k, v in o.items()] + over),
                 tmp_path / "run")
     assert math.isfinite(res["test"]["rsum"]) and res["test"]["rsum"] > 0
     again = run_eval(tmp_path / "run" / "best", out, "test", protocol="1k", chunk_size=8, report=tmp_path / "rep")
     assert again == pytest.approx(res["test"])
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert "SCAN i2t attention" in page
-    assert page.count("with its ground truth") == 10  # every text query's own image, whatever its region count
+    if kind is not None:  # DIME draws no alignment
+        assert kind in page
+        assert page.count("with its ground truth") == 10  # every text query's own image, whatever its region count

@@ -90,15 +90,22 @@ def test_models_that_would_count_padding_refuse_variable_regions():
         model(batch)
 
 
-@pytest.mark.parametrize("recipe", ["vsepp_gru.yaml", "scan_t2i.yaml", "vsrn.yaml"])
-def test_models_that_mask_the_padding_take_variable_regions(recipe):
+WORDS = ["model.text.word_dim=4", "model.text.min_count=1"]
+BERT = ["model.text.path=BERT", "model.heads=1"]
+
+
+@pytest.mark.parametrize("recipe,over", [("vsepp_gru.yaml", WORDS), ("scan_t2i.yaml", WORDS), ("vsrn.yaml", WORDS),
+                                         ("tgdt.yaml", [*WORDS, "model.heads=1"]),
+                                         ("teran.yaml", [*BERT, "model.text_layers=0"]), ("dime_t2i.yaml", BERT)])
+def test_models_that_mask_the_padding_take_variable_regions(recipe, over, tiny_bert):
     from itr.models import build_model, make_tokenizer
 
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", "model.text.word_dim=4",
-                                                               "model.text.min_count=1"])
+    over = [o.replace("=BERT", f"={tiny_bert}") for o in over]
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", *over])
     model = build_model(r, 5, make_tokenizer(r, captions=["a dog"]))
-    batch = {"feats": torch.randn(3, 7, 5), "feat_lens": torch.tensor([4, 7, 1]), "img_ids": torch.arange(3),
-             "text_ids": torch.ones(3, 2, dtype=torch.long), "text_lens": torch.tensor([2, 2, 2])}
+    batch = {"feats": torch.randn(3, 7, 5), "boxes": torch.rand(3, 7, 4), "feat_lens": torch.tensor([4, 7, 1]),
+             "img_ids": torch.arange(3), "text_ids": torch.ones(3, 3, dtype=torch.long),
+             "text_lens": torch.tensor([3, 3, 3])}
     assert torch.isfinite(model(batch)["loss"])  # the tests of the masks: tests/test_region_masks*.py
 
 

@@ -64,7 +64,7 @@ def check_region_lens(model, batch):
         raise ConfigError(f"model {type(model).__name__} treats every region as real, but this data has a variable "
                           f"number of regions per image (zero padded: manifest variable_regions); use a model that "
                           f"takes region counts (vsepp, vse_infty, hrem, scan, vsrn, camera, selfalign_vsrn, "
-                          f"selfalign_camera), or shard features with a fixed region count")
+                          f"selfalign_camera, teran, tgdt, dime), or shard features with a fixed region count")
 
 
 class MatchingModel(nn.Module):

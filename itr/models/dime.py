@@ -36,7 +36,10 @@ Deviations (documented choices):
   query normalization, the convolutions' pooling and the BatchNorm): scores do not depend on
   the batch's padding. Positions past a caption's length are zero before the convolutions (the
   reference's own zero padding of its longest caption). ``model.pad_tokens=32`` restores the
-  reference's forward (``itr import --from dime`` sets it for a released checkpoint).
+  reference's forward (``itr import --from dime`` sets it for a released checkpoint). With variable
+  region counts (``feat_lens``, bottom-up TSVs; the reference has 36 regions in every image) padded
+  regions are masked the same way (out of the image mean, the routers, cells, pooling and the
+  score BatchNorm's training statistics), so a padded batch scores as each image alone.
 - Scores are computed for all pairs at once (broadcasting image-only and caption-only cells
   over the pairs) instead of a Python loop per caption; captions go in sub-chunks to bound
   memory. In training the score BatchNorm sees the pairs of this rank's score matrix (one rank:
@@ -183,6 +186,8 @@ class DIMEConfig:
 @MODELS.register("dime", DIMEConfig)
 class DIME(MatchingModel):
     global_embeddings = False
+    takes_region_lens = True  # variable-region data: padded regions masked as padded words are
+
     def __init__(self, cfg: DIMEConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.direction not in ("i2t", "t2i"):
@@ -211,11 +216,21 @@ class DIME(MatchingModel):
 
     # -- encoders
     def embed_images(self, batch):
-        rgn = self.img_fc(batch["feats"].to(self.img_fc.weight.dtype))
-        img = rgn.mean(1)
+        """{"img", "rgn"}; with variable-region data (``feat_lens``) also "lens", the padded regions zero in "rgn"
+        and out of the image's mean."""
+        feats, lens = batch["feats"], batch.get("feat_lens")
+        if lens is None:
+            rgn = self.img_fc(feats.to(self.img_fc.weight.dtype))
+            img = rgn.mean(1)
+        else:  # whatever the padding holds reaches no output and no gradient
+            real = length_mask(lens, feats.shape[1])
+            rgn = self.img_fc(feats.masked_fill(~real[..., None], 0).to(self.img_fc.weight.dtype))
+            img = masked_mean(rgn, real)
         if self.img_bn is not None:
             img = self.img_bn(img)
-        return {"img": l2norm(img), "rgn": l2norm(rgn)}
+        if lens is None:
+            return {"img": l2norm(img), "rgn": l2norm(rgn)}
+        return {"img": l2norm(img), "rgn": l2norm(rgn).masked_fill(~real[..., None], 0), "lens": lens}
 
     def text_states(self, batch):
         """BERT states (zero past the tokens), the token mask, and the lengths the interaction masks words by."""
@@ -252,15 +267,21 @@ class DIME(MatchingModel):
         stc, wrd = self.encode_text(h, mask)
         bert = l2norm(masked_mean(h.detach().float(), mask))  # the path regularizer's label (TextNet bert_emb)
         out = {"rgn": im["rgn"], "cap": stc, "wrd": wrd, "cap_lens": lens, "bert": bert}
+        if "lens" in im:  # variable regions: the counts ride along as a side key
+            out["img_lens"] = im["lens"]
         if self.cfg.direction == "t2i":  # the i2t variant never uses the global image vector
             out["img"] = im["img"]
         return out
 
     # -- interaction
-    def interact(self, img, rgn, stc, wrd, lens):
-        """Scores (I, C) and path probabilities (I, C, 36) of every image x caption pair."""
+    def interact(self, img, rgn, stc, wrd, lens, rlens=None):
+        """Scores (I, C) and path probabilities (I, C, 36) of every image x caption pair; ``rlens``: each image's
+        region count (variable-region data: the others masked as padded words are)."""
         wmask = length_mask(lens, wrd.shape[1])
-        rmask = torch.ones(rgn.shape[:2], dtype=torch.bool, device=rgn.device)
+        if rlens is None:
+            rmask = torch.ones(rgn.shape[:2], dtype=torch.bool, device=rgn.device)
+        else:
+            rmask = length_mask(rlens, rgn.shape[1])
         if self.cfg.direction == "i2t":  # regions interact; the caption guides and is attended to
             x = rgn[:, None]  # (I, 1, R, d)
             ctx = {"tmask": rmask[:, None], "g": stc[None, :, None], "other": wrd[None], "omask": wmask[None]}
@@ -296,7 +317,7 @@ class DIME(MatchingModel):
         wrd = wrd[:, :n_wrd]
         tokens = rgn.shape[1] if self.cfg.direction == "i2t" else n_wrd
         per_pair = tokens * max(rgn.shape[1], n_wrd) + 8 * tokens * rgn.shape[-1]
-        out = [self.interact(img, rgn, stc[a:b], wrd[a:b], lens[a:b])[0]
+        out = [self.interact(img, rgn, stc[a:b], wrd[a:b], lens[a:b], img_emb.get("lens"))[0]
                for a, b in caption_chunks(img.shape[0], stc.shape[0], per_pair)]
         return torch.cat(out, dim=1)
 
@@ -308,19 +329,24 @@ class DIME(MatchingModel):
 
     def batch_loss(self, emb, img_ids, epoch):
         crit, cfg = self.criterion, self.cfg
-        keys = ("rgn", "cap", "wrd", "cap_lens", "bert") + (("img",) if cfg.direction == "t2i" else ())
+        keys = ("rgn", "cap", "wrd", "cap_lens", "bert") + (("img",) if cfg.direction == "t2i" else ()) \
+            + (("img_lens",) if "img_lens" in emb else ())  # variable regions: gathered with the regions
         local = {k: emb[k] for k in keys}
         allc, ids_all, offset = crit.candidates(local, img_ids)
-        local.setdefault("img", None)
-        allc.setdefault("img", None)
+        for d in (local, allc):
+            d.setdefault("img", None)
+            d.setdefault("img_lens", None)
         m = allc["rgn"].shape[0]
         one = allc["rgn"] is local["rgn"]
         if one:  # one matrix serves both directions
-            s, paths = self.interact(local["img"], local["rgn"], local["cap"], local["wrd"], local["cap_lens"])
+            s, paths = self.interact(local["img"], local["rgn"], local["cap"], local["wrd"], local["cap_lens"],
+                                     local["img_lens"])
             s_i2t, s_t2i, p_rows, p_cols = s, s.t(), paths, paths
         else:
-            s_i2t, p_rows = self.interact(local["img"], local["rgn"], allc["cap"], allc["wrd"], allc["cap_lens"])
-            s_t2i, p_cols = self.interact(allc["img"], allc["rgn"], local["cap"], local["wrd"], local["cap_lens"])
+            s_i2t, p_rows = self.interact(local["img"], local["rgn"], allc["cap"], allc["wrd"], allc["cap_lens"],
+                                          local["img_lens"])
+            s_t2i, p_cols = self.interact(allc["img"], allc["rgn"], local["cap"], local["wrd"], local["cap_lens"],
+                                          allc["img_lens"])
             s_t2i = s_t2i.t()
         loss = crit.on_scores(s_i2t, s_t2i, img_ids, ids_all, offset, epoch)
         if cfg.trade_off:

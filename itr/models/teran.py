@@ -17,9 +17,13 @@ image and the [CLS] token, [SEP] and the token before it (the final '.') are lef
 (``im_set[:, 1:]``, ``s_seq[:, 1:-2]``, ``s_len - 3``); region-word dot products; max over the regions,
 summed over the words. Loss: VSE++ hinge, margin 0.2, max violation, on that score matrix.
 
+Variable region counts (bottom-up TSVs, ``feat_lens``): the padded regions are zeroed, masked out of both
+image transformers (``src_key_padding_mask``, as ``TransformerPostProcessing`` / ``forward_img`` build it from
+``feat_len``) and out of the max over regions; the image embedding is then {"regions", "lens"}.
+
 Deviations: the reference fills masked alignments with 0 before the max over regions (a word whose
-region scores are all negative would score 0 against a padded region); here padded regions never
-occur (every image has the same regions) and padded words are simply left out of the sum. The
+region scores are all negative would score 0 against a padded region); here a padded region never wins
+the max (a padded batch scores as each image alone) and padded words are simply left out of the sum. The
 global (``first``) aggregations and TransformerPostProcessing's own ``fc`` are not built: with
 ``loss-type: alignment`` their outputs feed neither the loss nor the score (an unused parameter would
 also stall DDP).
@@ -41,11 +45,14 @@ from itr.registry import MODELS
 POS_ENCODINGS = ("concat-and-process", "project-and-sum", "none")
 
 
-def mrsw(img, words, lens):
-    """(ni, nc) TERAN MrSw scores: for every word its best region's dot product, summed over the words."""
+def mrsw(img, words, lens, rmask=None):
+    """(ni, nc) TERAN MrSw scores: for every word its best region's dot product, summed over the words.
+    ``rmask`` (ni, R): the real regions of variable-region data; the others never win the max."""
     ni, R, d = img.shape
     nc, L, _ = words.shape
     s = (img.reshape(ni * R, d) @ words.reshape(nc * L, d).t()).view(ni, R, nc, L)
+    if rmask is not None:
+        s = s.masked_fill(~rmask[:, :, None, None], float("-inf"))
     best = s.max(dim=1).values  # (ni, nc, L)
     return best.masked_fill(~length_mask(lens, L)[None], 0.0).sum(-1)
 
@@ -99,6 +106,8 @@ class TERANConfig:
 @MODELS.register("teran", TERANConfig)
 class TERAN(MatchingModel):
     global_embeddings = False
+    takes_region_lens = True  # variable-region data: the padding masked in the transformers and the MrSw max
+
     def __init__(self, cfg: TERANConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.pos_encoding not in POS_ENCODINGS:
@@ -127,19 +136,32 @@ class TERAN(MatchingModel):
 
     # -- encoders
     def _regions(self, batch):
+        """(B, R, embed) regions; with variable-region data (``feat_lens``) also the counts, the padding zeroed
+        and masked out of both transformers (as the reference's ``src_key_padding_mask`` from ``feat_len``)."""
         x = batch["feats"].to(self.img_proj.weight.dtype)
         B, R, D = x.shape
+        lens = batch.get("feat_lens")
+        real = None if lens is None else length_mask(lens, R)[..., None]
+        if real is not None:  # whatever the padding holds reaches no output and no gradient
+            x = x.masked_fill(~real, 0)
         x = torch.cat([x.new_zeros(B, 1, D), x], dim=1)  # the reserved CLS slot
         if self.pos is not None:
             if "boxes" not in batch:
                 raise DataError("model.pos_encoding needs region boxes ({split}_boxes.npy) and this data has none; "
                                 "set model.pos_encoding=none")
             boxes = batch["boxes"].to(x.dtype)
+            if real is not None:
+                boxes = boxes.masked_fill(~real, 0)
             boxes = torch.cat([boxes.new_zeros(B, 1, 4), boxes], dim=1)
             x = self.pos(x, boxes)
-        x = self.img_proj(self.img_tf(x))
-        x = (self.img_tf2 if self.img_tf2 is not None else self.txt_tf)(x)
-        return F.normalize(x, p=2, dim=-1)[:, 1:]
+        tf2 = self.img_tf2 if self.img_tf2 is not None else self.txt_tf
+        if real is None:
+            x = self.img_proj(self.img_tf(x))
+            return F.normalize(tf2(x), p=2, dim=-1)[:, 1:]
+        pad = ~length_mask(lens + 1, R + 1)  # the CLS slot is always real
+        x = self.img_proj(self.img_tf(x, src_key_padding_mask=pad))
+        x = F.normalize(tf2(x, src_key_padding_mask=pad), p=2, dim=-1)[:, 1:]
+        return x.masked_fill(~real, 0), lens
 
     def _words(self, batch):
         ids, lens = batch["text_ids"], batch["text_lens"]
@@ -151,7 +173,9 @@ class TERAN(MatchingModel):
         return x * length_mask(n, x.shape[1])[..., None].to(x.dtype), n
 
     def embed_images(self, batch):
-        return self._regions(batch)
+        """(B, R, embed) regions; with variable-region data {"regions" (zero past each count), "lens"}."""
+        x = self._regions(batch)
+        return {"regions": x[0], "lens": x[1]} if isinstance(x, tuple) else x
 
     def embed_captions(self, batch):
         words, lens = self._words(batch)
@@ -159,10 +183,21 @@ class TERAN(MatchingModel):
 
     def embed(self, batch):
         words, lens = self._words(batch)
-        return {"img": self._regions(batch), "cap": words, "cap_lens": lens}
+        img = self._regions(batch)
+        if isinstance(img, tuple):  # variable regions: the counts ride along as a side key
+            return {"img": img[0], "cap": words, "cap_lens": lens, "img_lens": img[1]}
+        return {"img": img, "cap": words, "cap_lens": lens}
 
     # -- similarity
     def pair_scores(self, img, words, lens):
+        """``img``: (ni, R, embed) regions, or {"regions", "lens"} (variable regions: the padding masked)."""
+        if isinstance(img, dict):
+            def masked(i, w, ln):
+                return mrsw(i[0], w, ln, rmask=i[1])
+
+            reg = img["regions"]
+            return tiled_pairs(masked, (reg, length_mask(img["lens"], reg.shape[1])), words, lens,
+                               self.cfg.score_budget)
         return tiled_pairs(mrsw, img, words, lens, self.cfg.score_budget)
 
     def score(self, img_emb, cap_emb):
@@ -173,8 +208,10 @@ class TERAN(MatchingModel):
         """Region-word dot products of one pair (row 0 of each), (words, regions): the score is the sum over
         the words of each row's maximum. ``first_token``: word 0 is the token after [CLS]."""
         n = int(cap_emb["lens"][0])
+        if isinstance(img_emb, dict):  # variable regions: the real ones only
+            img_emb = img_emb["regions"][:, :int(img_emb["lens"][0])]
         return {"weights": cap_emb["words"][0, :n] @ img_emb[0].t(), "first_token": 1, "kind": "TERAN region-word alignment"}
 
     def batch_loss(self, emb, img_ids, epoch):
         return xattn_batch_loss(self.pair_scores, emb["img"], emb["cap"], emb["cap_lens"], img_ids,
-                                self.criterion, epoch)
+                                self.criterion, epoch, img_lens=emb.get("img_lens"))

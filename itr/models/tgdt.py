@@ -37,7 +37,9 @@ Deviations (documented choices):
   (``model.global_layers``; 0 reads it off the first stage).
 - The image's global token is a learned vector (TERAN's slot is a zero feature with a zero box);
   with a word-level GRU (``text.name=gru_words``) a learned global token is prepended to the words.
-  Padding is masked in every attention (the reference's second stage attends to padding).
+  Padding is masked in every attention (the reference's second stage attends to padding); with variable
+  region counts (``feat_lens``, bottom-up TSVs) the padded regions too, and they never win the local max,
+  so a padded batch scores as each image alone.
 - The local score leaves out [CLS] and [SEP]; the reference's ``s_seq[:, 1:-2]`` also drops the
   token before [SEP] (a period in TERAN's captions): ``model.drop_last_word`` (imported checkpoints).
 """
@@ -124,6 +126,8 @@ class TGDTConfig:
 @MODELS.register("tgdt", TGDTConfig)
 class TGDT(MatchingModel):
     global_embeddings = False
+    takes_region_lens = True  # variable-region data: the padding masked in every transformer and the local max
+
     def __init__(self, cfg: TGDTConfig, img_dim: int, tokenizer, loss_cfg=None):
         super().__init__(loss_cfg)
         if cfg.test_mode not in ("global", "local", "sum"):
@@ -163,20 +167,35 @@ class TGDT(MatchingModel):
 
     # -- encoders
     def embed_images(self, batch):
+        """{"glob", "regions", "lens"}; with variable-region data (``feat_lens``) the padded regions are zeroed,
+        masked out of every image transformer (so out of the global token too) and zero in "regions"."""
         x = batch["feats"].to(self.img_proj.weight.dtype)
         b, r, _ = x.shape
+        lens = batch.get("feat_lens")
+        real = None if lens is None else length_mask(lens, r)[..., None]
+        if real is not None:  # whatever the padding holds reaches no output and no gradient
+            x = x.masked_fill(~real, 0)
         if self.box_map is not None:
             if "boxes" not in batch:
                 raise DataError("model.name=tgdt with model.box_encoding=true needs region boxes (batch key 'boxes', "
                                 "from {split}_boxes.npy); use data with boxes or model.box_encoding=false")
-            x = self.box_map(torch.cat([x, box_info(batch["boxes"].to(x.dtype))], dim=-1))
+            boxes = batch["boxes"].to(x.dtype)
+            if real is not None:
+                boxes = boxes.masked_fill(~real, 0)
+            x = self.box_map(torch.cat([x, box_info(boxes)], dim=-1))
         x = torch.cat([self.img_cls.to(x.dtype).expand(b, 1, -1), x], dim=1)
-        mask = torch.ones(b, r + 1, dtype=torch.bool, device=x.device)
+        if real is None:
+            mask = torch.ones(b, r + 1, dtype=torch.bool, device=x.device)
+            lens = torch.full((b,), r, dtype=torch.long, device=x.device)
+        else:
+            mask = length_mask(lens + 1, r + 1)  # the global slot is always real
         x = self.img_proj(run_encoder(self.img_tf, x, mask))
         loc = run_encoder(self.img_local, x, mask)
         glob = run_encoder(self.img_global, loc, mask)[:, 0]
-        lens = torch.full((b,), r, dtype=torch.long, device=x.device)
-        return {"glob": l2norm(glob), "regions": l2norm(loc[:, 1:]), "lens": lens}
+        regions = l2norm(loc[:, 1:])
+        if real is not None:
+            regions = regions.masked_fill(~real, 0)
+        return {"glob": l2norm(glob), "regions": regions, "lens": lens}
 
     def embed_captions(self, batch):
         ids, lens = batch["text_ids"], batch["text_lens"]

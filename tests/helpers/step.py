@@ -77,6 +77,11 @@ TGDT = ["model.embed_dim=16", "model.ff_dim=32", "model.heads=2", "model.text.wo
         "model.dropout=0.0", "loss.warmup_epochs=0"]
 DIME = ["model.embed_dim=16", "model.heads=2", "model.hid_imrc=16", "model.hid_router=16", "model.path_hid=8",
         "model.direction=i2t"]
+TERAN_ENTRY = {"recipe": {"model": {"name": "teran", "embed_dim": 16, "image_layers": 1, "layers": 1, "heads": 2,
+                                    "ff_dim": 32, "dropout": 0.0, "text_layers": 0, "drop_last_word": False,
+                                    "text": {"name": "hf_words"}},
+                          "loss": {"mask_same_image": True}},
+               "bert": True, "eval": ["txt_enc.backbone"]}  # BERT's own dropout 0.1
 SENTENCE_MATCHER = {"model": {
     "name": "sentence_matcher", "embed_dim": 16, "mlp_dim": 24, "text": {"name": "hf", "pool": "cls"},
     "image": {"name": "xmatching_resnet", "depths": [1, 1], "hidden_sizes": [8, 16], "embedding_size": 8,
@@ -117,14 +122,14 @@ MODELS = {
     "selfalign_vsrn_regions": {"recipe": _selfalign("vsrn"), "epoch": 1, "eval": "all", "regions": REGIONS},
     "selfalign_camera_regions": {"recipe": _selfalign("camera"), "bert": True, "epoch": 1, "eval": "all",
                                  "regions": REGIONS},
-    "teran": {"recipe": {"model": {"name": "teran", "embed_dim": 16, "image_layers": 1, "layers": 1, "heads": 2,
-                                   "ff_dim": 32, "dropout": 0.0, "text_layers": 0, "drop_last_word": False,
-                                   "text": {"name": "hf_words"}},
-                         "loss": {"mask_same_image": True}},
-              "bert": True, "eval": ["txt_enc.backbone"]},  # BERT's own dropout 0.1
+    "teran": TERAN_ENTRY,
+    "teran_regions": {**TERAN_ENTRY, "regions": REGIONS},
     "tgdt": {"recipe": "recipes/synthetic/tgdt.yaml", "over": TGDT},
+    "tgdt_regions": {"recipe": "recipes/synthetic/tgdt.yaml", "over": TGDT, "regions": REGIONS},
     # i2t: no per-micro-batch BatchNorm on the image side; the frozen text model's dropout off
     "dime_i2t": {"recipe": "recipes/synthetic/dime_t2i.yaml", "over": DIME, "bert": True, "eval": ["txt_enc"]},
+    "dime_i2t_regions": {"recipe": "recipes/synthetic/dime_t2i.yaml", "over": DIME, "bert": True, "eval": ["txt_enc"],
+                         "regions": REGIONS},
 }
 
 
