@@ -133,13 +133,26 @@ def _config(a):
     print("\n".join(describe(values=recipe)))
 
 
+class _Version(argparse.Action):
+    """``--version`` printed as it is: argparse's own action wraps a long install path at the terminal width."""
+
+    def __init__(self, option_strings, version, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+        self.version = version
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.version)
+        parser.exit()
+
+
 def parser():
     from pathlib import Path
 
     from itr import __version__
 
     p = argparse.ArgumentParser(prog="itr", description="Image-text retrieval training toolkit")
-    p.add_argument("--version", action="version", version=f"itr {__version__} ({Path(__file__).resolve().parent})")
+    p.add_argument("--version", action=_Version, version=f"itr {__version__} ({Path(__file__).resolve().parent})",
+                   help="print the version and where itr is installed, then exit")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_add_train, _add_shard, _add_eval, _add_import, _add_compare, _add_tools):
         add(sub)

@@ -75,3 +75,14 @@ def test_feature_dim_mismatch_at_eval(capsys, tmp_path, tiny_data):
     (tmp_path / "test_caps.txt").write_text("\n".join(["a dog"] * 10))
     err = _err(capsys, "eval", tmp_path / "r" / "best", "--data", tmp_path, "--split", "test")
     assert "16-d" in err and "32-d" in err
+
+
+def test_version_is_one_line_whatever_the_terminal_width(capsys, monkeypatch):
+    """argparse's version action wrapped a long install path at $COLUMNS (seen from a deep pytest temp folder)."""
+    import itr
+
+    monkeypatch.setenv("COLUMNS", "20")
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out == f"itr {itr.__version__} ({ROOT / 'itr'})\n"
