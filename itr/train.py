@@ -45,8 +45,9 @@ from itr.step import Stop, move_to, train_step
 from itr.tracking import end_active, memory_metrics
 from itr.train_state import TrainState
 
-# Seconds to sleep after every optimizer step: a rehearsal aid that stretches a tiny run so that a
-# preemption / time-limit signal lands mid-training (the SLURM tests use it; weights are unaffected).
+# Seconds to sleep after every optimizer step of a run that did not resume: a rehearsal aid that stretches a
+# tiny run so that a preemption / time-limit signal lands mid-training (the SLURM tests use it; weights are
+# unaffected); the resumed run, which nothing interrupts, goes at full speed.
 STEP_DELAY = float(os.environ.get("ITR_STEP_DELAY", "0") or 0)
 
 
@@ -273,7 +274,7 @@ class Trainer:
         s.micro_in_epoch += t.grad_accum
         bar.update(1)
         rundir.fault(f"step {s.global_step}")
-        if STEP_DELAY:
+        if STEP_DELAY and not self.resume_from:
             time.sleep(STEP_DELAY)
         if s.global_step % t.log_every == 0:
             self._log_step(epoch, loss_sum, lr, grad_norm, bar)

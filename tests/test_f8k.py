@@ -25,7 +25,7 @@ def test_f8k_precomp_splits_open_and_shard_round_trip(f8k, tmp_path):
 def test_f8k_minilm_recipe_learns_on_real_data(f8k, tmp_path):
     """One epoch of the shipped recipe, run as a user types it, lands far above chance on the test split."""
     p = run_itr("train", ROOT / "recipes" / "f8k" / "vsepp_minilm.yaml", f"data.root={f8k}", "train.epochs=1",
-                "--out", tmp_path / "run", timeout=900)
+                "train.max_steps=12", "--out", tmp_path / "run", timeout=900)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     # chance on 100 images: R@1 1, R@5 5, R@10 10 per direction (rsum 32)
     assert res["test"]["rsum"] > 150, res["test"]

@@ -26,7 +26,7 @@ from itr.eval.ranks import RankCounts
 from itr.eval.scores import num_rows, rows, tile_grid
 from itr.eval.topk import TopK
 
-STEP_DELAY = float(os.environ.get("ITR_STEP_DELAY", "0") or 0)  # tests: sleep after each tile, so a signal lands
+STEP_DELAY = float(os.environ.get("ITR_STEP_DELAY", "0") or 0)  # tests: sleep after each tile (not once resumed)
 
 
 def protocol_blocks(n, protocol, caps_per_image=5):
@@ -206,7 +206,7 @@ def stream_ranks(streamer, protocol, topk=0, sims=None, state_dir=None, state_ev
         counting.add(i, t, scores)
         state.tick(i, counting, gt)
         fault("eval tile")
-        if STEP_DELAY:
+        if STEP_DELAY and not done:
             time.sleep(STEP_DELAY)
 
     if done and streamer.rank == 0:
