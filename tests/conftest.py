@@ -126,8 +126,25 @@ def run_itr(*args, env=None, timeout=600, check=True):
 
 
 def free_port():
+    """A free port below the kernel's ephemeral range: a port from ``bind(0)`` is free only until the next
+    process (a gloo pair, an accelerate launch with port 0) is handed the same one between our check and the
+    server's bind; ports below the range are never handed out that way."""
+    import random
     import socket
 
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(min(20000, low - 1000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
