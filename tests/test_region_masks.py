@@ -368,24 +368,29 @@ WORDS = ["model.text.word_dim=8", "model.text.min_count=1"]
                                          ("dime_t2i.yaml", [*DIME, "model.text.path=BERT"]),
                                          ("dime_t2i.yaml", [*DIME, "model.text.path=BERT", "model.direction=i2t"])])
 def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over, tiny_bert):
+    train_a_few_steps(tsv_train, recipe, ["model.embed_dim=16", *over], tiny_bert)
+
+
+def train_a_few_steps(out, recipe, over, bert=None, epoch_arg=0, watch=lambda m: next(m.parameters())):
+    """Ten Adam steps on the TSV shards in ``out`` ("=BERT" in ``over``: the tiny BERT): finite losses and
+    gradients, the batches really of varied region counts, and the ``watch``ed weight moved."""
     from itr.data.loader import TrainLoader
     from itr.data.manifest import load_manifest
 
-    out = tsv_train
     m = load_manifest(out, "train")
-    over = [o.replace("=BERT", f"={tiny_bert}") for o in over]
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, ["model.embed_dim=16", "loss.warmup_epochs=0", *over])
+    over = [o.replace("=BERT", f"={bert}") for o in over]
+    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe, [*over, "loss.warmup_epochs=0"])
     tok = make_tokenizer(r, captions=(out / "train.captions.txt").read_text().splitlines())
     torch.manual_seed(0)
     model = build_model(r, m["feature_shape"][1], tok)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses, varied = [], False
-    before = next(model.parameters()).detach().clone()
+    before = watch(model).detach().clone()
     with one_thread():
         for epoch in range(2):
             for batch in TrainLoader(m, tok, 40, num_workers=0, shuffle_buffer=20).epoch(epoch):
                 varied |= bool((batch["feat_lens"] < batch["feats"].shape[1]).any())
-                loss = model(batch, epoch=0)["loss"]
+                loss = model(batch, epoch=epoch_arg)["loss"]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -393,8 +398,7 @@ def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, o
     assert varied and len(losses) == 10 and all(math.isfinite(x) for x in losses)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert not torch.equal(before, next(model.parameters()).detach())
-
+    assert not torch.equal(before, watch(model).detach())
 
 E2E = {"scan": ("scan_t2i.yaml", [*WORDS, "model.direction=i2t"], "SCAN i2t attention"),
        "teran": ("teran.yaml", [*TERAN, "model.text.path=BERT"], "TERAN region-word alignment"),

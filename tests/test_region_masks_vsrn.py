@@ -12,7 +12,7 @@ from itr.models import build_model, make_tokenizer
 from itr.models.base import loss_inputs
 
 from conftest import ROOT, assert_same_step, assert_split_steps_equal, launch_steps, one_thread
-from test_region_masks import CAPS, DIM, LENS, _padded
+from test_region_masks import CAPS, DIM, LENS, _padded, train_a_few_steps
 from test_variable_regions import _tsv_shards
 
 VSRN = ["model.embed_dim=16", "model.text.word_dim=8", "model.text.min_count=1", "model.caption_hidden=8",
@@ -217,31 +217,8 @@ def tsv_train(tmp_path_factory):
 
 
 def _train_a_few_steps(out, recipe, over, bert=None):
-    from itr.data.loader import TrainLoader
-    from itr.data.manifest import load_manifest
-
-    m = load_manifest(out, "train")
-    r = load_recipe(ROOT / "recipes" / "synthetic" / recipe,
-                    [*over, *([f"model.text.path={bert}"] if bert else []), "loss.warmup_epochs=0"])
-    tok = make_tokenizer(r, captions=(out / "train.captions.txt").read_text().splitlines())
-    torch.manual_seed(0)
-    model = build_model(r, m["feature_shape"][1], tok)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses, varied = [], False
-    before = model.img_enc.fc.weight.detach().clone()
-    for epoch in range(2):
-        for batch in TrainLoader(m, tok, 40, num_workers=0, shuffle_buffer=20).epoch(epoch):
-            varied |= bool((batch["feat_lens"] < batch["feats"].shape[1]).any())
-            loss = model(batch, epoch=1)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    assert varied and len(losses) == 10 and all(math.isfinite(x) for x in losses)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert not torch.equal(before, model.img_enc.fc.weight.detach())
-
+    train_a_few_steps(out, recipe, [*over, *(["model.text.path=BERT"] if bert else [])], bert, epoch_arg=1,
+                      watch=lambda m: m.img_enc.fc.weight)
 
 @pytest.mark.parametrize("recipe,over", [("vsrn.yaml", VSRN), ("selfalign_vsrn.yaml", VSRN + SELFALIGN)])
 def test_a_few_training_steps_on_variable_region_tsv_shards(tsv_train, recipe, over):
